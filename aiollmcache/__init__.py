@@ -1,0 +1,47 @@
+"""aiollmcache: an asyncio caching client for LLM calls.
+
+Memory tier, then Redis, then the model; concurrent identical requests share
+one upstream call. See the README for guarantees and their limits.
+"""
+
+from .client import CacheControl, CacheResult, LLMCache, Source
+from .entry import MISSING, Entry
+from .errors import (
+    AiollmcacheError,
+    CacheClosedError,
+    ConfigurationError,
+    CorruptEntryError,
+    InvalidRequestError,
+    InvalidResponseError,
+    TierError,
+    TierTimeoutError,
+    TierUnavailableError,
+)
+from .request import EXCLUDED_PARAMS
+from .upstream import OpenAIUpstream, Upstream
+from .wrap import CachedOpenAI
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EXCLUDED_PARAMS",
+    "MISSING",
+    "AiollmcacheError",
+    "CacheClosedError",
+    "CacheControl",
+    "CacheResult",
+    "CachedOpenAI",
+    "ConfigurationError",
+    "CorruptEntryError",
+    "Entry",
+    "InvalidRequestError",
+    "InvalidResponseError",
+    "LLMCache",
+    "OpenAIUpstream",
+    "Source",
+    "TierError",
+    "TierTimeoutError",
+    "TierUnavailableError",
+    "Upstream",
+    "__version__",
+]

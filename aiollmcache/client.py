@@ -1,0 +1,549 @@
+"""LLMCache: the coordinator. The only place that knows the order of tiers.
+
+Path of one ``complete()`` call: validate and key the request (no I/O), then
+the memory tier, then a flight already running for the key in this process,
+then the Redis tier (read inline by the first caller), then the model, in a
+task owned by the cache that every caller for the key awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import redis.asyncio as aioredis
+from openai.types.chat import ChatCompletion
+
+from ._log import RateLimitedLogger, logger
+from .entry import MISSING, Entry
+from .errors import (
+    CacheClosedError,
+    ConfigurationError,
+    CorruptEntryError,
+    InvalidRequestError,
+    TierUnavailableError,
+)
+from .flight import RETRY, Flights
+from .request import ChatRequest, build_chat_request
+from .stats import Stats
+from .tiers.memory import MemoryTier
+from .tiers.redis import RedisTier, connect, validate_namespace
+from .upstream import OpenAIUpstream, Upstream, parse_response
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+    from .wrap import CachedOpenAI
+
+__all__ = ["CacheControl", "CacheResult", "LLMCache", "Source"]
+
+Seconds = float | timedelta
+
+# Accounted size of a memory-tier entry: the parsed response takes several
+# times the bytes of its JSON; this factor keeps memory_max_bytes honest.
+_MEMORY_SIZE_FACTOR: Final = 4
+_MEMORY_ENTRY_OVERHEAD: Final = 512
+
+
+def _seconds(value: Seconds | None, name: str, *, positive: bool = False) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(f"{name}: expected seconds (float or timedelta), got {value!r}")
+    seconds = float(value)
+    if seconds != seconds or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigurationError(f"{name}: must be {bound} seconds, got {value!r}")
+    return seconds
+
+
+def _count(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{name}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+class Source(enum.StrEnum):
+    """Where an answer came from."""
+
+    MEMORY = "memory"
+    REDIS = "redis"
+    SEMANTIC = "semantic"
+    UPSTREAM = "upstream"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheControl:
+    """Per-request cache settings.
+
+    - ``ttl``: fresh window for an answer written by this request (default: the cache's).
+    - ``max_age``: serve a cached answer only if it is at most this old (seconds).
+    - ``tags``: labels stored with the answer, for invalidation by tag.
+    - ``no_cache``: do not look up; always ask the model (the answer is still stored).
+    - ``no_store``: do not store this request's answer.
+    """
+
+    ttl: Seconds | None = None
+    max_age: Seconds | None = None
+    tags: Sequence[str] = ()
+    no_cache: bool = False
+    no_store: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True))
+        object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age"))
+        if isinstance(self.tags, str) or not all(
+            isinstance(t, str) and t and "{" not in t and "}" not in t for t in self.tags
+        ):
+            raise ConfigurationError(
+                f"CacheControl.tags: expected a list of non-empty strings without braces, got {self.tags!r}"
+            )
+        object.__setattr__(self, "tags", tuple(self.tags))
+
+
+_DEFAULT_CONTROL: Final = CacheControl()
+
+
+@dataclass(frozen=True, slots=True)
+class CacheResult:
+    """An answer and where it came from.
+
+    ``response`` may be shared with other callers served from the same entry:
+    treat it as read-only (copy it with ``model_copy(deep=True)`` to modify).
+    """
+
+    response: ChatCompletion
+    source: Source
+    key: str
+    age: float
+    coalesced: bool = False
+    stale: bool = False
+    similarity: float | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's message content ('' when it has none, e.g. tool calls only)."""
+        choices = self.response.choices
+        if not choices:
+            return ""
+        return choices[0].message.content or ""
+
+
+_NEW, _OPEN, _CLOSED = "new", "open", "closed"
+
+
+class LLMCache:
+    """A tiered cache in front of an OpenAI-compatible chat API.
+
+    Lookups go memory tier, then Redis (when configured), then the model. Without
+    ``redis_url``/``redis`` the cache is memory-only and private to this process.
+
+    Guarantees:
+
+    - Concurrent identical requests in one process cost one upstream call; a
+      cancelled caller never cancels the call others wait on.
+    - An answer is stored only when the upstream call succeeded and returned a
+      valid chat completion; errors reach every waiting caller unchanged.
+    - Bytes in Redis that are not a valid entry for the key are a miss (removed,
+      counted), never an exception.
+    - When Redis fails, calls are answered from memory and the model; failures
+      are counted in ``stats()`` and logged at most every few seconds.
+
+    Not guaranteed: entries written in Redis by other processes are not pushed
+    into this process's memory tier, so one process may serve its memory copy
+    until that copy's fresh window ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        redis: aioredis.Redis | None = None,
+        openai: AsyncOpenAI | None = None,
+        upstream: Upstream | None = None,
+        model: str | None = None,
+        namespace: str = "default",
+        ttl: Seconds = 3600.0,
+        stale_ttl: Seconds = 0.0,
+        memory_max_entries: int = 10_000,
+        memory_max_bytes: int = 64 * 2**20,
+        max_entry_bytes: int = 4 * 2**20,
+        compress_above: int = 8 * 2**10,
+        redis_timeout: Seconds = 0.5,
+        redis_max_connections: int = 64,
+        close_timeout: Seconds = 10.0,
+        semantic: object | None = None,
+    ) -> None:
+        if redis_url is not None and redis is not None:
+            raise ConfigurationError("pass redis_url= or redis=, not both")
+        if openai is not None and upstream is not None:
+            raise ConfigurationError("pass openai= or upstream=, not both")
+        if semantic is not None:
+            raise ConfigurationError("semantic: the semantic tier is not available in this version")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ConfigurationError(f"model: expected a non-empty string, got {model!r}")
+        self._namespace = validate_namespace(namespace)
+        self._ttl = _seconds(ttl, "ttl", positive=True) or 0.0
+        self._stale_ttl = _seconds(stale_ttl, "stale_ttl") or 0.0
+        self._close_timeout = _seconds(close_timeout, "close_timeout") or 0.0
+        timeout = _seconds(redis_timeout, "redis_timeout", positive=True) or 0.0
+        max_connections = _count(redis_max_connections, "redis_max_connections")
+        if max_connections == 0:
+            raise ConfigurationError("redis_max_connections: must be at least 1")
+        self._max_entry_bytes = _count(max_entry_bytes, "max_entry_bytes")
+        self._model = model
+        self._memory: MemoryTier[Entry] = MemoryTier(
+            max_entries=_count(memory_max_entries, "memory_max_entries"),
+            max_bytes=_count(memory_max_bytes, "memory_max_bytes"),
+        )
+        if redis_url is not None:
+            if not isinstance(redis_url, str):
+                raise ConfigurationError(f"redis_url: expected a string, got {redis_url!r}")
+            try:
+                redis = connect(redis_url, max_connections=max_connections, timeout=timeout)
+            except ValueError as exc:
+                raise ConfigurationError(f"redis_url: {exc}") from exc
+        self._redis: RedisTier | None = None
+        if redis is not None:
+            self._redis = RedisTier(
+                redis,
+                namespace=namespace,
+                owns_client=redis_url is not None,
+                compress_above=_count(compress_above, "compress_above"),
+                max_entry_bytes=self._max_entry_bytes,
+            )
+        self._upstream: Upstream | None = OpenAIUpstream(openai) if openai is not None else upstream
+        self._owned_openai: AsyncOpenAI | None = None
+        self._flights: Flights[tuple[Entry, Source]] = Flights()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stats = Stats()
+        self._log = RateLimitedLogger()
+        self._state = _NEW
+        self._open_lock: asyncio.Lock | None = None
+
+    # -- construction from the environment ---------------------------------
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> LLMCache:
+        """Build a cache from ``AIOLLMCACHE_REDIS_URL``, ``AIOLLMCACHE_NAMESPACE``,
+        ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``; keyword arguments win.
+
+        The OpenAI client built here (when ``OPENAI_API_KEY`` is set and no
+        ``openai=``/``upstream=`` is given) is owned, and closed by ``aclose()``.
+        """
+        env = os.environ
+        kwargs: dict[str, Any] = {}
+        if url := env.get("AIOLLMCACHE_REDIS_URL"):
+            kwargs["redis_url"] = url
+        if ns := env.get("AIOLLMCACHE_NAMESPACE"):
+            kwargs["namespace"] = ns
+        kwargs.update(overrides)
+        owned = None
+        if "openai" not in kwargs and "upstream" not in kwargs and env.get("OPENAI_API_KEY"):
+            from openai import AsyncOpenAI
+
+            owned = AsyncOpenAI(api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL") or None)
+            kwargs["openai"] = owned
+        cache = cls(**kwargs)
+        cache._owned_openai = owned
+        return cache
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> LLMCache:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Connect the Redis tier. Idempotent; ``complete()`` calls it when needed.
+
+        Redis being unreachable here is not an error: the tier is retried on use.
+        """
+        if self._state == _OPEN:
+            return
+        if self._state == _CLOSED:
+            raise CacheClosedError("this LLMCache is closed")
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self._state != _NEW:
+                return
+            if self._redis is not None:
+                await self._load_version()
+            self._state = _OPEN
+
+    async def aclose(self) -> None:
+        """Close the cache: wait up to ``close_timeout`` for upstream calls in
+        progress (their callers still get answers), cancel what remains, close
+        the connections this cache opened. Idempotent."""
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self._memory.clear()
+        if self._redis is not None:
+            try:
+                await self._redis.aclose()
+            except TierUnavailableError as exc:
+                logger.warning("closing the Redis connection failed: %s", exc)
+        if self._owned_openai is not None:
+            await self._owned_openai.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._state == _CLOSED
+
+    # -- public API -------------------------------------------------------------
+
+    async def complete(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        cache: CacheControl | None = None,
+        **params: Any,
+    ) -> CacheResult:
+        """Answer a chat request from the cache, or from the model and cache it.
+
+        ``params`` are ``chat.completions.create`` parameters (``model``,
+        ``temperature``, ``tools``...). Raises :class:`InvalidRequestError`
+        before any I/O when the request is malformed; the model API's own
+        exceptions reach the caller unchanged.
+        """
+        if params.get("stream"):
+            raise InvalidRequestError("stream: complete() returns whole answers; pass stream=False")
+        request = build_chat_request(messages, params, default_model=self._model)
+        return await self._complete(request, cache, self._upstream)
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the counters (plain data, safe to serialise)."""
+        snapshot = self._stats.snapshot()
+        snapshot["memory_entries"] = len(self._memory)
+        snapshot["memory_bytes"] = self._memory.nbytes
+        snapshot["memory_evictions"] = self._memory.evictions
+        snapshot["inflight"] = len(self._flights)
+        return snapshot
+
+    def wrap(self, client: AsyncOpenAI) -> CachedOpenAI:
+        """Return a drop-in for ``client`` whose ``chat.completions.create`` is cached."""
+        from .wrap import CachedOpenAI
+
+        return CachedOpenAI(self, client)
+
+    # -- the path of one call -----------------------------------------------
+
+    async def _complete(
+        self, request: ChatRequest, control: CacheControl | None, upstream: Upstream | None
+    ) -> CacheResult:
+        control = control or _DEFAULT_CONTROL
+        if self._state != _OPEN:
+            await self.open()
+        if upstream is None:
+            raise ConfigurationError("no upstream: pass openai= or upstream= to LLMCache")
+        self._stats.requests += 1
+        key = request.key
+        if control.no_cache:
+            entry = await self._compute(request, control, upstream)
+            return self._result(entry, Source.UPSTREAM, time.time())
+        while True:
+            now = time.time()
+            entry = self._memory.get(key)
+            if entry is not MISSING and self._acceptable(entry, now, control):
+                self._stats.hits_memory += 1
+                return self._result(entry, Source.MEMORY, now, saved=True)
+
+            flight = self._flights.get(key)
+            if flight is not None:
+                outcome = await asyncio.shield(flight)
+                if outcome is RETRY:
+                    continue
+                entry, source = outcome
+                now = time.time()
+                if self._acceptable(entry, now, control):
+                    self._stats.coalesced += 1
+                    return self._result(entry, source, now, coalesced=True, saved=True)
+                entry = await self._compute(request, control, upstream)
+                return self._result(entry, Source.UPSTREAM, time.time())
+
+            if control.no_store:
+                # Never lead a flight others would take as a stored answer.
+                found = await self._redis_get(key, control, now)
+                if found is not MISSING:
+                    return self._result(found, Source.REDIS, now, saved=True)
+                entry = await self._compute(request, control, upstream)
+                return self._result(entry, Source.UPSTREAM, time.time())
+
+            return await self._lead(request, control, upstream, now)
+
+    async def _lead(
+        self, request: ChatRequest, control: CacheControl, upstream: Upstream, now: float
+    ) -> CacheResult:
+        key = request.key
+        fut = self._flights.lead(key)
+        try:
+            found = await self._redis_get(key, control, now)
+            if found is not MISSING:
+                self._flights.settle(key, fut, (found, Source.REDIS))
+                return self._result(found, Source.REDIS, now, saved=True)
+            task = self._spawn(self._compute_shared(request, control, upstream))
+            self._flights.follow_task(key, fut, task)
+        except BaseException:
+            # Cancelled (or failed) before the flight had a task: followers retry.
+            self._flights.settle(key, fut, RETRY)
+            raise
+        outcome = await asyncio.shield(fut)
+        if outcome is RETRY:
+            # The shared task was cancelled (the cache is closing).
+            raise CacheClosedError("this LLMCache was closed while the request was in flight")
+        entry, _ = outcome
+        return self._result(entry, Source.UPSTREAM, time.time())
+
+    async def _redis_get(self, key: str, control: CacheControl, now: float) -> Entry | Any:
+        tier = self._redis
+        if tier is None:
+            return MISSING
+        try:
+            if tier.version is None:
+                await self._load_version()
+                if tier.version is None:
+                    return MISSING
+            entry = await tier.get(key)
+        except CorruptEntryError as exc:
+            self._stats.corrupt_entries += 1
+            self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
+            return MISSING
+        except TierUnavailableError as exc:
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+            return MISSING
+        if entry is MISSING or not self._acceptable(entry, now, control):
+            return MISSING
+        self._stats.hits_redis += 1
+        self._remember(entry, now)
+        return entry
+
+    async def _load_version(self) -> None:
+        assert self._redis is not None
+        try:
+            await self._redis.load_version()
+        except (TierUnavailableError, CorruptEntryError) as exc:
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "cannot read the namespace version, skipping Redis: %s", exc)
+
+    async def _compute_shared(
+        self, request: ChatRequest, control: CacheControl, upstream: Upstream
+    ) -> tuple[Entry, Source]:
+        return await self._compute(request, control, upstream), Source.UPSTREAM
+
+    async def _compute(
+        self, request: ChatRequest, control: CacheControl, upstream: Upstream
+    ) -> Entry:
+        self._stats.misses += 1
+        self._stats.upstream_calls += 1
+        started = time.monotonic()
+        try:
+            body = await upstream(request.params)
+            raw, response = parse_response(body)
+        except BaseException:
+            self._stats.upstream_errors += 1
+            raise
+        created = time.time()
+        ttl = control.ttl if control.ttl is not None else self._ttl
+        fresh_until = created + ttl
+        usage = response.usage
+        entry = Entry(
+            key=request.key,
+            response=response,
+            raw=raw,
+            created_at=created,
+            fresh_until=fresh_until,
+            expires_at=fresh_until + self._stale_ttl,
+            compute_ms=(time.monotonic() - started) * 1000,
+            model=request.model,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            tags=tuple(control.tags),
+        )
+        if not control.no_store:
+            await self._store(entry, created)
+        return entry
+
+    async def _store(self, entry: Entry, now: float) -> None:
+        if len(entry.raw) > self._max_entry_bytes:
+            self._stats.store_skipped += 1
+            return
+        self._remember(entry, now)
+        tier = self._redis
+        if tier is None or tier.version is None:
+            self._stats.stores += 1
+            return
+        try:
+            stored = await tier.set(entry, tier.encode(entry))
+        except TierUnavailableError as exc:
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "Redis unavailable, answer kept in memory only: %s", exc)
+            return
+        if stored:
+            self._stats.stores += 1
+        else:
+            self._stats.store_skipped += 1
+
+    # -- helpers --------------------------------------------------------------
+
+    def _remember(self, entry: Entry, now: float) -> None:
+        size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
+        self._memory.set(entry.key, entry, ttl=entry.fresh_until - now, size=size)
+
+    @staticmethod
+    def _acceptable(entry: Entry, now: float, control: CacheControl) -> bool:
+        if now >= entry.fresh_until:
+            return False
+        max_age = control.max_age
+        return max_age is None or entry.age(now) <= max_age  # type: ignore[operator]
+
+    def _result(
+        self,
+        entry: Entry,
+        source: Source,
+        now: float,
+        *,
+        coalesced: bool = False,
+        saved: bool = False,
+    ) -> CacheResult:
+        if saved:
+            self._stats.tokens_saved_prompt += entry.prompt_tokens
+            self._stats.tokens_saved_completion += entry.completion_tokens
+        return CacheResult(
+            response=entry.response,
+            source=source,
+            key=entry.key,
+            age=entry.age(now),
+            coalesced=coalesced,
+        )
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

@@ -1,0 +1,165 @@
+"""Cache entries and their byte encoding.
+
+An entry is an envelope: the provider's response plus the metadata needed to
+decide freshness and to account for savings. Shared across processes, its
+times are wall-clock (``time.time()``) seconds.
+
+Encoding (never pickle)::
+
+    b"\\xa1LC" | format version (1 byte) | flags (1 byte) | payload
+    payload = u32 header length | header (orjson) | response (JSON bytes)
+
+The payload is zlib-compressed (flag bit 0) when it is larger than the
+compression threshold. Anything that does not decode to a valid entry for the
+expected key raises :class:`CorruptEntryError`: the caller treats it as a miss.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from openai.types.chat import ChatCompletion
+from pydantic import ValidationError
+
+from .errors import CorruptEntryError
+
+__all__ = ["FORMAT_VERSION", "MISSING", "Entry", "decode_entry", "encode_entry"]
+
+FORMAT_VERSION: Final = 1
+_MAGIC: Final = b"\xa1LC"
+_PREFIX: Final = _MAGIC + bytes([FORMAT_VERSION])
+_FLAG_ZLIB: Final = 0x01
+_KNOWN_FLAGS: Final = _FLAG_ZLIB
+_HEADER_LEN = struct.Struct(">I")
+_ZLIB_LEVEL: Final = 1
+
+
+class _Missing:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+MISSING: Final = _Missing()
+"""Returned by tiers for a miss; never ``None``, which could be a value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One cached answer with its metadata.
+
+    ``raw`` is the response's JSON as stored; ``response`` the parsed object,
+    shared by every caller served from this entry (treat it as read-only).
+    """
+
+    key: str
+    response: ChatCompletion
+    raw: bytes
+    created_at: float
+    fresh_until: float
+    expires_at: float
+    compute_ms: float
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    tags: tuple[str, ...] = ()
+
+    def age(self, now: float) -> float:
+        return max(0.0, now - self.created_at)
+
+
+def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
+    """Encode ``entry``; the payload is compressed when above ``compress_above`` bytes."""
+    header = orjson.dumps(
+        {
+            "k": entry.key,
+            "c": entry.created_at,
+            "f": entry.fresh_until,
+            "x": entry.expires_at,
+            "ms": entry.compute_ms,
+            "m": entry.model,
+            "pt": entry.prompt_tokens,
+            "ct": entry.completion_tokens,
+            "t": entry.tags,
+        }
+    )
+    payload = _HEADER_LEN.pack(len(header)) + header + entry.raw
+    if len(payload) > compress_above:
+        return _PREFIX + bytes([_FLAG_ZLIB]) + zlib.compress(payload, _ZLIB_LEVEL)
+    return _PREFIX + b"\x00" + payload
+
+
+def _decompress(data: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(data, limit)
+    except zlib.error as exc:
+        raise CorruptEntryError(f"bad compressed payload: {exc}") from exc
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise CorruptEntryError(f"compressed payload truncated or larger than {limit} bytes")
+    return out
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise CorruptEntryError(f"header field {name!r} missing or of the wrong type")
+    return value
+
+
+def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
+    """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid."""
+    if blob[:4] != _PREFIX:
+        if blob[:3] == _MAGIC:
+            raise CorruptEntryError(f"unsupported entry format version {blob[3:4]!r}")
+        raise CorruptEntryError("not an aiollmcache entry")
+    if len(blob) < 5:
+        raise CorruptEntryError("truncated entry")
+    flags = blob[4]
+    if flags & ~_KNOWN_FLAGS:
+        raise CorruptEntryError(f"unknown flags {flags:#x}")
+    payload = _decompress(blob[5:], max_bytes) if flags & _FLAG_ZLIB else blob[5:]
+    if len(payload) < _HEADER_LEN.size:
+        raise CorruptEntryError("truncated entry")
+    (header_len,) = _HEADER_LEN.unpack_from(payload)
+    header_end = _HEADER_LEN.size + header_len
+    if header_end > len(payload):
+        raise CorruptEntryError("truncated header")
+    try:
+        header = orjson.loads(payload[_HEADER_LEN.size : header_end])
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntryError(f"bad header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CorruptEntryError("header is not an object")
+    if header.get("k") != key:
+        raise CorruptEntryError("entry belongs to another key")
+    tags = _field(header, "t", list)
+    if not all(isinstance(t, str) for t in tags):
+        raise CorruptEntryError("header field 't' is not a list of strings")
+    raw = payload[header_end:]
+    try:
+        response = ChatCompletion.model_validate_json(raw)
+    except ValidationError as exc:
+        raise CorruptEntryError(f"stored response is not a chat completion: {exc}") from exc
+    number = (int, float)
+    return Entry(
+        key=key,
+        response=response,
+        raw=raw,
+        created_at=float(_field(header, "c", number)),
+        fresh_until=float(_field(header, "f", number)),
+        expires_at=float(_field(header, "x", number)),
+        compute_ms=float(_field(header, "ms", number)),
+        model=_field(header, "m", str),
+        prompt_tokens=_field(header, "pt", int),
+        completion_tokens=_field(header, "ct", int),
+        tags=tuple(tags),
+    )

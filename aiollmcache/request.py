@@ -1,0 +1,168 @@
+"""Validating a chat request and deriving its cache key.
+
+The key is the blake2b-128 digest of the canonical request: the model, the
+whole message array and every parameter that can change the answer, encoded
+by orjson with sorted keys after normalising numbers (``1.0`` and ``1`` are the
+same temperature). Parameters that only affect transport, billing or
+bookkeeping (:data:`EXCLUDED_PARAMS`) stay out of the key but are still sent
+to the model. Parameters the cache does not know are kept in the key: an
+unknown parameter is assumed to change the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+
+import orjson
+
+from .errors import InvalidRequestError
+
+__all__ = ["EXCLUDED_PARAMS", "VALID_ROLES", "ChatRequest", "build_chat_request"]
+
+VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+EXCLUDED_PARAMS = frozenset(
+    {
+        # who asks and how the call travels
+        "user",
+        "safety_identifier",
+        "timeout",
+        "extra_headers",
+        "extra_query",
+        # how the answer is delivered, not what it is
+        "stream",
+        "stream_options",
+        "service_tier",
+        # provider-side bookkeeping and prompt caching
+        "metadata",
+        "store",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "prompt_cache_options",
+    }
+)
+
+_KEY_DIGEST_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A validated chat request.
+
+    ``params`` is what is sent upstream (model and messages included); ``key``
+    is the hex digest of the canonical form.
+    """
+
+    model: str
+    params: dict[str, Any]
+    key: str
+
+
+def _is_model(value: object) -> bool:
+    return hasattr(value, "model_dump") and callable(value.model_dump)
+
+
+def _dump_model(value: Any) -> Any:
+    return value.model_dump(mode="json", exclude_unset=True, by_alias=True)
+
+
+def _canon(value: Any, path: str) -> Any:
+    """Return ``value`` in canonical JSON form, or raise naming ``path``."""
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequestError(f"{path}: {value!r} is not a finite number")
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise InvalidRequestError(f"{path}: key {k!r} is not a string")
+            out[k] = _canon(v, f"{path}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_canon(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if _is_model(value):
+        return _canon(_dump_model(value), path)
+    raise InvalidRequestError(f"{path}: {type(value).__name__} is not JSON-serialisable")
+
+
+def _canon_message(message: Any, index: int) -> dict[str, Any]:
+    path = f"messages[{index}]"
+    if _is_model(message):
+        message = _dump_model(message)
+    if not isinstance(message, Mapping):
+        raise InvalidRequestError(f"{path}: expected a dict, got {type(message).__name__}")
+    role = message.get("role")
+    if role not in VALID_ROLES:
+        raise InvalidRequestError(
+            f"{path}.role: {role!r} is not one of {', '.join(sorted(VALID_ROLES))}"
+        )
+    content = message.get("content")
+    if content is None:
+        has_other = any(message.get(k) for k in ("tool_calls", "function_call", "refusal", "audio"))
+        if role != "assistant" or not has_other:
+            raise InvalidRequestError(f"{path}.content: missing for a {role!r} message")
+    elif isinstance(content, (list, tuple)):
+        if not content:
+            raise InvalidRequestError(f"{path}.content: empty list of content parts")
+        for j, part in enumerate(content):
+            if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+                raise InvalidRequestError(
+                    f"{path}.content[{j}]: a content part must be a dict with a 'type'"
+                )
+    elif not isinstance(content, str):
+        raise InvalidRequestError(
+            f"{path}.content: expected a string or a list of parts, got {type(content).__name__}"
+        )
+    canon: dict[str, Any] = _canon(message, path)
+    return canon
+
+
+def _is_omitted(value: object) -> bool:
+    # openai's NOT_GIVEN / omit sentinels: the SDK leaves the parameter out.
+    return type(value).__name__ in ("NotGiven", "Omit")
+
+
+def build_chat_request(
+    messages: object, params: Mapping[str, Any], *, default_model: str | None
+) -> ChatRequest:
+    """Validate ``messages`` and ``params`` and compute the cache key.
+
+    Raises :class:`InvalidRequestError` naming the first problem found. No I/O.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise InvalidRequestError(
+            f"messages: expected a non-empty list of dicts, got {type(messages).__name__}"
+        )
+    if not messages:
+        raise InvalidRequestError("messages: expected a non-empty list of dicts, got []")
+    canon_messages = [_canon_message(m, i) for i, m in enumerate(messages)]
+
+    model = params.get("model", default_model)
+    if _is_omitted(model) or model is None:
+        model = default_model
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")
+
+    send: dict[str, Any] = {"model": model, "messages": canon_messages}
+    keyed: dict[str, Any] = {"model": model, "messages": canon_messages}
+    for name, value in params.items():
+        if name in ("model", "messages") or _is_omitted(value):
+            continue
+        if name in EXCLUDED_PARAMS:
+            send[name] = value
+            continue
+        canon = _canon(value, name)
+        send[name] = value
+        if canon is not None:
+            keyed[name] = canon
+    digest = blake2b(orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS), digest_size=_KEY_DIGEST_BYTES)
+    return ChatRequest(model=model, params=send, key=digest.hexdigest())

@@ -1,0 +1,517 @@
+"""Real servers for tests: an OpenAI-compatible fake model and a private Redis.
+
+:class:`FakeOpenAI` is an HTTP server on loopback that speaks enough of the
+OpenAI API for the real ``openai`` SDK (any transport) to talk to it: chat
+completions (plain and SSE streaming, ending with ``data: [DONE]``, with a
+usage chunk when ``stream_options.include_usage`` is set) and embeddings
+(float and base64). It counts calls per prompt, can be slowed down, and can
+be told to fail or hang. It runs on its own thread and event loop, so it
+works from sync and async tests alike::
+
+    with FakeOpenAI(latency=0.2) as fake:
+        client = fake.client()                # an AsyncOpenAI pointed at it
+        ...
+        assert fake.calls("What is Python?") == 1
+
+:class:`RedisServer` starts a throwaway ``redis-server`` on a free loopback
+port (nothing saved to disk) and stops it on exit.
+
+Requires the ``server`` extra (starlette, uvicorn).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import orjson
+
+try:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "aiollmcache.testing needs the 'server' extra: pip install 'aiollmcache[server]'"
+    ) from exc
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+__all__ = ["FakeOpenAI", "RedisServer", "last_user_text"]
+
+Reply = Callable[[Mapping[str, Any]], str]
+
+
+def last_user_text(request: Mapping[str, Any]) -> str:
+    """The text of the last user message of a chat request ('' if none)."""
+    for message in reversed(request.get("messages") or []):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(
+                    p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+                )
+    return ""
+
+
+def _default_reply(request: Mapping[str, Any]) -> str:
+    return f"Answer to: {last_user_text(request)}"
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+@dataclass
+class _Failure:
+    status: int | None  # None: hang
+    remaining: int
+    prompt: str | None
+    message: str
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible server on 127.0.0.1 for tests, demos and benchmarks.
+
+    - ``latency``: seconds before each answer (settable at any time).
+    - ``reply``: ``request -> str`` giving the answer's content (default:
+      ``"Answer to: <last user message>"``), padded with spaces up to
+      ``answer_chars`` when that is set.
+    - ``chunk_latency``: seconds between streamed chunks.
+    - ``dimensions``: size of the embedding vectors (deterministic, from a
+      bag of words: texts sharing words are similar).
+    """
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        reply: Reply | None = None,
+        answer_chars: int = 0,
+        chunk_latency: float = 0.0,
+        dimensions: int = 64,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.latency = latency
+        self.chunk_latency = chunk_latency
+        self.answer_chars = answer_chars
+        self.dimensions = dimensions
+        self._reply = reply or _default_reply
+        self._host = host
+        self._port = port
+        self._lock = threading.Lock()
+        self._chat_calls: Counter[str] = Counter()
+        self._embedding_calls = 0
+        self._requests: list[dict[str, Any]] = []
+        self._failures: list[_Failure] = []
+        self._ids = itertools.count(1)
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self.url = ""
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> FakeOpenAI:
+        if self._thread is not None:
+            return self
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self._host, self._port))
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/embeddings", self._embeddings, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        ready = threading.Event()
+        failed: list[BaseException] = []
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                await super().startup(sockets)
+                ready.set()
+
+        self._server = server = _Server(config)
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            self._stopping = asyncio.Event()
+            try:
+                loop.run_until_complete(server.serve(sockets=[sock]))
+            except BaseException as exc:  # reported to start()
+                failed.append(exc)
+            finally:
+                ready.set()
+                loop.close()
+                sock.close()
+
+        self._thread = threading.Thread(target=run, name="FakeOpenAI", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failed or not server.started:
+            self.stop()
+            raise RuntimeError(f"FakeOpenAI failed to start: {failed[:1]}")
+        return self
+
+    def stop(self) -> None:
+        thread, server, loop, stopping = self._thread, self._server, self._loop, self._stopping
+        if thread is None or server is None:
+            return
+        server.should_exit = True
+        if loop is not None and stopping is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stopping.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        thread.join()
+        self._thread = self._server = self._loop = self._stopping = None
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> FakeOpenAI:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # -- for tests -------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """The ``base_url`` to give an OpenAI client (ends in ``/v1``)."""
+        return f"{self.url}/v1"
+
+    def client(self, **kwargs: Any) -> AsyncOpenAI:
+        """An ``AsyncOpenAI`` pointed at this server (``max_retries=0`` unless given)."""
+        from openai import AsyncOpenAI
+
+        kwargs.setdefault("api_key", "test-key")
+        kwargs.setdefault("max_retries", 0)
+        return AsyncOpenAI(base_url=self.base_url, **kwargs)
+
+    def calls(self, prompt: str | None = None) -> int:
+        """Chat completion calls received in all, or whose last user message is ``prompt``."""
+        with self._lock:
+            if prompt is None:
+                return sum(self._chat_calls.values())
+            return self._chat_calls[prompt]
+
+    @property
+    def embedding_calls(self) -> int:
+        with self._lock:
+            return self._embedding_calls
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        """Bodies of the chat requests received, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    def fail(self, status: int = 500, *, times: int = 1, prompt: str | None = None, message: str = "injected failure") -> None:
+        """Answer the next ``times`` matching chat requests with HTTP ``status``."""
+        with self._lock:
+            self._failures.append(_Failure(status, times, prompt, message))
+
+    def hang(self, *, times: int = 1, prompt: str | None = None) -> None:
+        """Never answer the next ``times`` matching chat requests (until the server stops)."""
+        with self._lock:
+            self._failures.append(_Failure(None, times, prompt, "hang"))
+
+    def reset(self) -> None:
+        """Forget calls, recorded requests and pending failures."""
+        with self._lock:
+            self._chat_calls.clear()
+            self._embedding_calls = 0
+            self._requests.clear()
+            self._failures.clear()
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _take_failure(self, prompt: str) -> _Failure | None:
+        with self._lock:
+            for failure in self._failures:
+                if failure.prompt is None or failure.prompt == prompt:
+                    failure.remaining -= 1
+                    if failure.remaining <= 0:
+                        self._failures.remove(failure)
+                    return failure
+        return None
+
+    @staticmethod
+    def _error(status: int, message: str, kind: str = "invalid_request_error") -> Response:
+        body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+    async def _body(self, request: Request) -> dict[str, Any] | Response:
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return self._error(400, "request body is not JSON")
+        if not isinstance(body, dict):
+            return self._error(400, "request body is not an object")
+        return body
+
+    async def _chat(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages or not isinstance(body.get("model"), str):
+            return self._error(400, "'messages' and 'model' are required")
+        prompt = last_user_text(body)
+        with self._lock:
+            self._chat_calls[prompt] += 1
+            self._requests.append(body)
+        failure = self._take_failure(prompt)
+        if failure is not None:
+            if failure.status is None:
+                assert self._stopping is not None
+                await self._stopping.wait()
+                return self._error(503, "server stopping", "server_error")
+            return self._error(failure.status, failure.message, "server_error" if failure.status >= 500 else "invalid_request_error")
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        content = self._reply(body)
+        if len(content) < self.answer_chars:
+            content = content.ljust(self.answer_chars)
+        n = body.get("n") or 1
+        completion_id = f"chatcmpl-fake-{next(self._ids)}"
+        created = int(time.time())
+        usage = {
+            "prompt_tokens": sum(_tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict)),
+            "completion_tokens": _tokens(content) * n,
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(
+                self._sse(completion_id, created, body["model"], content, n, usage if include_usage else None),
+                media_type="text/event-stream",
+            )
+        completion = {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+                for i in range(n)
+            ],
+            "usage": usage,
+            "system_fingerprint": "fp_fake",
+        }
+        return Response(orjson.dumps(completion), media_type="application/json")
+
+    async def _sse(
+        self, completion_id: str, created: int, model: str, content: str, n: int, usage: dict[str, int] | None
+    ) -> AsyncIterator[bytes]:
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
+            data: dict[str, Any] = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": choices,
+            }
+            if usage is not None:
+                data["usage"] = usage
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+
+        pieces = [p + " " for p in content.split(" ")]
+        pieces[-1] = pieces[-1][:-1]
+        for i in range(n):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for piece in pieces:
+            if self.chunk_latency > 0:
+                await asyncio.sleep(self.chunk_latency)
+            for i in range(n):
+                yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
+        for i in range(n):
+            yield chunk([{"index": i, "delta": {}, "finish_reason": "stop"}])
+        if usage is not None:
+            yield chunk([], usage)
+        yield b"data: [DONE]\n\n"
+
+    def _embed(self, text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
+        vector = np.zeros(self.dimensions, dtype=np.float32)
+        for word in text.lower().split():
+            word = word.strip(".,;:!?'\"()")
+            if not word:
+                continue
+            digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+            index = int.from_bytes(digest[:4], "little") % self.dimensions
+            vector[index] += 1.0 if digest[4] & 1 else -1.0
+        norm = float(np.linalg.norm(vector))
+        if norm == 0.0:
+            vector[0] = 1.0
+            norm = 1.0
+        normalised: np.ndarray[Any, np.dtype[np.float32]] = vector / norm
+        return normalised
+
+    async def _embeddings(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        inputs = body.get("input")
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(t, str) for t in inputs):
+            return self._error(400, "'input' must be a string or a list of strings")
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            return self._error(400, f"unknown encoding_format {encoding!r}")
+        with self._lock:
+            self._embedding_calls += 1
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        data = []
+        for i, text in enumerate(inputs):
+            vector = self._embed(text)
+            value: Any = (
+                base64.b64encode(vector.astype("<f4").tobytes()).decode()
+                if encoding == "base64"
+                else vector.tolist()
+            )
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(_tokens(t) for t in inputs)
+        result = {
+            "object": "list",
+            "data": data,
+            "model": body.get("model", "fake-embedding"),
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return Response(orjson.dumps(result), media_type="application/json")
+
+    async def _models(self, request: Request) -> Response:
+        models = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "aiollmcache"}]}
+        return Response(orjson.dumps(models), media_type="application/json")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A private ``redis-server`` on a free loopback port, nothing saved to disk.
+
+    Starts on ``start()``/``with``; ``url`` is then its ``redis://`` URL.
+    ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT) to simulate a hung server.
+    """
+
+    def __init__(self, *, executable: str | None = None, args: tuple[str, ...] = ()) -> None:
+        found = executable or shutil.which("redis-server") or "/usr/bin/redis-server"
+        if not os.path.exists(found):
+            raise FileNotFoundError("redis-server not found: install it (Debian: apt-get install redis-server)")
+        self._executable = found
+        self._args = args
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._drain: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        last_output = b""
+        for _ in range(5):  # the free port may be taken between probe and bind
+            port = _free_port()
+            proc = subprocess.Popen(
+                [
+                    self._executable,
+                    "--port", str(port),
+                    "--bind", "127.0.0.1",
+                    "--save", "",
+                    "--appendonly", "no",
+                    "--daemonize", "no",
+                    "--logfile", "",
+                    *self._args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            assert proc.stdout is not None
+            output = []
+            for line in proc.stdout:
+                output.append(line)
+                if b"Ready to accept connections" in line:
+                    self._proc, self.port = proc, port
+                    # Keep reading so a full pipe never blocks the server.
+                    self._drain = threading.Thread(target=proc.stdout.read, daemon=True)
+                    self._drain.start()
+                    return self
+            proc.wait()
+            last_output = b"".join(output[-5:])
+        raise RuntimeError(f"redis-server did not start: {last_output.decode(errors='replace')}")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,53 @@
+"""Where answers come from on a miss.
+
+An upstream is any async callable taking the request parameters (``model``,
+``messages`` and the rest, exactly as ``chat.completions.create`` takes them)
+and returning the chat completion as JSON bytes or as a mapping. Its
+exceptions reach callers unchanged and are never cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from openai.types.chat import ChatCompletion
+from pydantic import ValidationError
+
+from .errors import InvalidResponseError
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+__all__ = ["OpenAIUpstream", "Upstream", "parse_response"]
+
+Upstream = Callable[[dict[str, Any]], Awaitable["bytes | Mapping[str, Any]"]]
+
+
+class OpenAIUpstream:
+    """Calls ``client.chat.completions.create`` and returns the body as received.
+
+    The raw body is kept (rather than the SDK's parsed object) so what is
+    stored is exactly what the provider sent. The client's own timeout and
+    retry settings apply unchanged.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: AsyncOpenAI) -> None:
+        self.client = client
+
+    async def __call__(self, params: dict[str, Any]) -> bytes:
+        raw = await self.client.chat.completions.with_raw_response.create(**params)
+        return raw.content
+
+
+def parse_response(body: bytes | Mapping[str, Any]) -> tuple[bytes, ChatCompletion]:
+    """Return the JSON bytes and the validated completion, or raise InvalidResponseError."""
+    try:
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        response = ChatCompletion.model_validate_json(raw)
+    except (TypeError, ValidationError) as exc:
+        raise InvalidResponseError(f"upstream returned something that is not a chat completion: {exc}") from exc
+    return raw, response

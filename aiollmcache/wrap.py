@@ -1,0 +1,75 @@
+"""A drop-in for ``AsyncOpenAI`` whose chat completions go through the cache."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from openai.types.chat import ChatCompletion
+
+from .request import build_chat_request
+from .upstream import OpenAIUpstream
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+    from .client import CacheControl, LLMCache
+
+__all__ = ["CachedOpenAI"]
+
+
+class _Completions:
+    __slots__ = ("_cache", "_client", "_upstream")
+
+    def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
+        self._cache = cache
+        self._client = client
+        self._upstream = OpenAIUpstream(client)
+
+    async def create(self, *, cache: CacheControl | None = None, **kwargs: Any) -> Any:
+        """``chat.completions.create`` through the cache.
+
+        Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns
+        the ``ChatCompletion``. Streaming requests (``stream=True``) go to the
+        model uncached.
+        """
+        if kwargs.get("stream"):
+            return await self._client.chat.completions.create(**kwargs)
+        messages = kwargs.pop("messages", None)
+        request = build_chat_request(messages, kwargs, default_model=None)
+        result = await self._cache._complete(request, cache, self._upstream)
+        response: ChatCompletion = result.response
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client.chat.completions, name)
+
+
+class _Chat:
+    __slots__ = ("_client", "completions")
+
+    def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
+        self._client = client
+        self.completions = _Completions(cache, client)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client.chat, name)
+
+
+class CachedOpenAI:
+    """Behaves as the wrapped ``AsyncOpenAI`` client; only
+    ``chat.completions.create`` (non-streaming) is answered through the cache.
+    Everything else is the wrapped client's own attribute.
+
+    Cache misses are sent through the wrapped client, with its own base URL,
+    timeout and retry settings. The wrapped client is not closed by the cache.
+    """
+
+    __slots__ = ("_client", "chat")
+
+    def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
+        self._client = client
+        self.chat = _Chat(cache, client)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
