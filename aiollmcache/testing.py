@@ -501,6 +501,8 @@ class RedisServer:
                 proc.wait()
         if self._drain is not None:
             self._drain.join(timeout=5)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     def pause(self) -> None:
         assert self._proc is not None

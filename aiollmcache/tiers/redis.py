@@ -167,4 +167,4 @@ class RedisTier:
     async def aclose(self) -> None:
         if self._owns_client:
             with _map_errors("close"):
-                await self._client.aclose()
+                await self._client.aclose(close_connection_pool=True)

@@ -1,0 +1,83 @@
+"""Real parts for every test: a private redis-server on a free loopback port and
+a FakeOpenAI server, both started once per session; each test gets its own
+namespace so tests never see each other's entries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI
+
+from aiollmcache import LLMCache
+from aiollmcache.testing import FakeOpenAI, RedisServer
+
+MODEL = "test-model"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def fake(fake_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    fake_server.reset()
+    fake_server.latency = 0.0
+    yield fake_server
+    fake_server.reset()
+    fake_server.latency = 0.0
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest_asyncio.fixture
+async def openai_client(fake: FakeOpenAI) -> AsyncIterator[AsyncOpenAI]:
+    client = fake.client()
+    yield client
+    await client.close()
+
+
+@pytest_asyncio.fixture
+async def cache(redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str) -> AsyncIterator[LLMCache]:
+    async with LLMCache(
+        redis_url=redis_server.url, openai=openai_client, model=MODEL, namespace=namespace
+    ) as c:
+        yield c
+
+
+@pytest_asyncio.fixture
+async def make_cache(
+    redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str
+) -> AsyncIterator[Callable[..., LLMCache]]:
+    """Build more caches on the same Redis and namespace; closed after the test."""
+    made: list[LLMCache] = []
+
+    def make(**kwargs: object) -> LLMCache:
+        kwargs.setdefault("redis_url", redis_server.url)
+        kwargs.setdefault("openai", openai_client)
+        kwargs.setdefault("model", MODEL)
+        kwargs.setdefault("namespace", namespace)
+        c = LLMCache(**kwargs)  # type: ignore[arg-type]
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        await c.aclose()
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]

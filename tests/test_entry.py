@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import struct
+import zlib
+
+import orjson
+import pytest
+from openai.types.chat import ChatCompletion
+
+from aiollmcache import CorruptEntryError, Entry
+from aiollmcache.entry import FORMAT_VERSION, decode_entry, encode_entry
+
+KEY = "0" * 32
+
+
+def completion(content: str = "Hello") -> bytes:
+    return orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
+        }
+    )
+
+
+def entry(content: str = "Hello") -> Entry:
+    raw = completion(content)
+    return Entry(
+        key=KEY,
+        response=ChatCompletion.model_validate_json(raw),
+        raw=raw,
+        created_at=1000.0,
+        fresh_until=2000.0,
+        expires_at=3000.0,
+        compute_ms=12.5,
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=5,
+        tags=("a", "b"),
+    )
+
+
+@pytest.mark.parametrize("content", ["Hello", "x" * 50_000])
+def test_round_trip(content: str) -> None:
+    original = entry(content)
+    blob = encode_entry(original, compress_above=8192)
+    assert (len(blob) < len(original.raw)) == (len(content) > 8192)
+    decoded = decode_entry(blob, KEY, max_bytes=1 << 20)
+    assert decoded == original
+
+
+def _header_blob(header: dict[str, object], body: bytes = completion()) -> bytes:
+    h = orjson.dumps(header)
+    return b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">I", len(h)) + h + body
+
+
+GOOD_HEADER = {"k": KEY, "c": 1.0, "f": 2.0, "x": 3.0, "ms": 1.0, "m": "m", "pt": 1, "ct": 1, "t": []}
+VALID = encode_entry(entry(), compress_above=1 << 20)
+
+
+@pytest.mark.parametrize(
+    ("blob", "reason"),
+    [
+        (b"", "not an aiollmcache entry"),
+        (b"hello world", "not an aiollmcache entry"),
+        (b"\x80\x04\x95pickle", "not an aiollmcache entry"),
+        (orjson.dumps({"some": "json"}), "not an aiollmcache entry"),
+        (b"\xa1LC" + bytes([FORMAT_VERSION + 1, 0]) + VALID[5:], "unsupported entry format version"),
+        (VALID[:4], "truncated"),
+        (VALID[:7], "truncated"),
+        (VALID[:20], "truncated header"),
+        (VALID[:-10], "not a chat completion"),
+        (VALID[:4] + b"\x80" + VALID[5:], "unknown flags"),
+        (VALID[:4] + b"\x01" + b"not zlib", "bad compressed payload"),
+        (VALID[:4] + b"\x01" + zlib.compress(b"\0" * 100)[:-4], "truncated"),
+        (_header_blob({**GOOD_HEADER, "k": "f" * 32}), "another key"),
+        (_header_blob({**GOOD_HEADER, "c": "yesterday"}), "'c'"),
+        (_header_blob({**GOOD_HEADER, "pt": True}), "'pt'"),
+        (_header_blob({**GOOD_HEADER, "t": [1]}), "'t'"),
+        (_header_blob([1, 2]), "not an object"),  # type: ignore[arg-type]
+        (_header_blob(GOOD_HEADER, b'{"id": 1}'), "not a chat completion"),
+    ],
+)
+def test_invalid_bytes_are_corrupt(blob: bytes, reason: str) -> None:
+    with pytest.raises(CorruptEntryError, match=reason):
+        decode_entry(blob, KEY, max_bytes=1 << 20)
+
+
+def test_decompression_is_bounded() -> None:
+    bomb = b"\xa1LC" + bytes([FORMAT_VERSION, 1]) + zlib.compress(b"\0" * (4 << 20))
+    with pytest.raises(CorruptEntryError, match="larger than"):
+        decode_entry(bomb, KEY, max_bytes=1 << 20)
