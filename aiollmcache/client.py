@@ -13,10 +13,10 @@ import enum
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion
@@ -111,6 +111,12 @@ class CacheControl:
 
 
 _DEFAULT_CONTROL: Final = CacheControl()
+_T = TypeVar("_T")
+
+
+def _control_seconds(value: Seconds | None, default: _T) -> float | _T:
+    # CacheControl.__post_init__ has already turned timedeltas into float seconds.
+    return default if value is None else cast(float, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,10 +374,10 @@ class LLMCache:
             return self._result(entry, Source.UPSTREAM, time.time())
         while True:
             now = time.time()
-            entry = self._memory.get(key)
-            if entry is not MISSING and self._acceptable(entry, now, control):
+            cached = self._memory.get(key)
+            if cached is not MISSING and self._acceptable(cached, now, control):
                 self._stats.hits_memory += 1
-                return self._result(entry, Source.MEMORY, now, saved=True)
+                return self._result(cached, Source.MEMORY, now, saved=True)
 
             flight = self._flights.get(key)
             if flight is not None:
@@ -456,9 +462,7 @@ class LLMCache:
     ) -> tuple[Entry, Source]:
         return await self._compute(request, control, upstream), Source.UPSTREAM
 
-    async def _compute(
-        self, request: ChatRequest, control: CacheControl, upstream: Upstream
-    ) -> Entry:
+    async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         self._stats.misses += 1
         self._stats.upstream_calls += 1
         started = time.monotonic()
@@ -469,7 +473,7 @@ class LLMCache:
             self._stats.upstream_errors += 1
             raise
         created = time.time()
-        ttl = control.ttl if control.ttl is not None else self._ttl
+        ttl = _control_seconds(control.ttl, self._ttl)
         fresh_until = created + ttl
         usage = response.usage
         entry = Entry(
@@ -519,8 +523,8 @@ class LLMCache:
     def _acceptable(entry: Entry, now: float, control: CacheControl) -> bool:
         if now >= entry.fresh_until:
             return False
-        max_age = control.max_age
-        return max_age is None or entry.age(now) <= max_age  # type: ignore[operator]
+        max_age = _control_seconds(control.max_age, None)
+        return max_age is None or entry.age(now) <= max_age
 
     def _result(
         self,

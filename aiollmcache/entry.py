@@ -16,6 +16,7 @@ expected key raises :class:`CorruptEntryError`: the caller treats it as a miss.
 
 from __future__ import annotations
 
+import enum
 import struct
 import zlib
 from dataclasses import dataclass
@@ -38,8 +39,8 @@ _HEADER_LEN = struct.Struct(">I")
 _ZLIB_LEVEL: Final = 1
 
 
-class _Missing:
-    __slots__ = ()
+class _Missing(enum.Enum):
+    MISSING = "MISSING"
 
     def __repr__(self) -> str:
         return "MISSING"
@@ -48,7 +49,7 @@ class _Missing:
         return False
 
 
-MISSING: Final = _Missing()
+MISSING: Final = _Missing.MISSING
 """Returned by tiers for a miss; never ``None``, which could be a value."""
 
 

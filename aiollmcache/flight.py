@@ -10,24 +10,22 @@ round again, one of them becoming the new leader).
 from __future__ import annotations
 
 import asyncio
-from typing import Final, Generic, TypeVar
+import enum
+from typing import Any, Final, Generic, TypeVar
 
 __all__ = ["RETRY", "Flights"]
 
 T = TypeVar("T")
 
 
-class _Retry:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "RETRY"
+class _Retry(enum.Enum):
+    RETRY = "RETRY"
 
 
-RETRY: Final = _Retry()
+RETRY: Final = _Retry.RETRY
 
 
-def _mark_retrieved(fut: asyncio.Future[object]) -> None:
+def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
     # The leader may be gone; an exception nobody awaited must not be logged
     # as "never retrieved": every waiter that exists has already seen it.
     if not fut.cancelled():

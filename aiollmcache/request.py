@@ -102,9 +102,7 @@ def _canon_message(message: Any, index: int) -> dict[str, Any]:
         raise InvalidRequestError(f"{path}: expected a dict, got {type(message).__name__}")
     role = message.get("role")
     if role not in VALID_ROLES:
-        raise InvalidRequestError(
-            f"{path}.role: {role!r} is not one of {', '.join(sorted(VALID_ROLES))}"
-        )
+        raise InvalidRequestError(f"{path}.role: {role!r} is not one of {', '.join(sorted(VALID_ROLES))}")
     content = message.get("content")
     if content is None:
         has_other = any(message.get(k) for k in ("tool_calls", "function_call", "refusal", "audio"))
@@ -115,9 +113,7 @@ def _canon_message(message: Any, index: int) -> dict[str, Any]:
             raise InvalidRequestError(f"{path}.content: empty list of content parts")
         for j, part in enumerate(content):
             if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
-                raise InvalidRequestError(
-                    f"{path}.content[{j}]: a content part must be a dict with a 'type'"
-                )
+                raise InvalidRequestError(f"{path}.content[{j}]: a content part must be a dict with a 'type'")
     elif not isinstance(content, str):
         raise InvalidRequestError(
             f"{path}.content: expected a string or a list of parts, got {type(content).__name__}"

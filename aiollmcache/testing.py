@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import itertools
 import os
@@ -187,10 +188,8 @@ class FakeOpenAI:
             return
         server.should_exit = True
         if loop is not None and stopping is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(stopping.set)
-            except RuntimeError:  # the loop closed meanwhile
-                pass
         thread.join()
         self._thread = self._server = self._loop = self._stopping = None
 
@@ -242,7 +241,14 @@ class FakeOpenAI:
         with self._lock:
             return list(self._requests)
 
-    def fail(self, status: int = 500, *, times: int = 1, prompt: str | None = None, message: str = "injected failure") -> None:
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        times: int = 1,
+        prompt: str | None = None,
+        message: str = "injected failure",
+    ) -> None:
         """Answer the next ``times`` matching chat requests with HTTP ``status``."""
         with self._lock:
             self._failures.append(_Failure(status, times, prompt, message))
@@ -303,7 +309,11 @@ class FakeOpenAI:
                 assert self._stopping is not None
                 await self._stopping.wait()
                 return self._error(503, "server stopping", "server_error")
-            return self._error(failure.status, failure.message, "server_error" if failure.status >= 500 else "invalid_request_error")
+            return self._error(
+                failure.status,
+                failure.message,
+                "server_error" if failure.status >= 500 else "invalid_request_error",
+            )
         if self.latency > 0:
             await asyncio.sleep(self.latency)
         content = self._reply(body)
@@ -313,14 +323,18 @@ class FakeOpenAI:
         completion_id = f"chatcmpl-fake-{next(self._ids)}"
         created = int(time.time())
         usage = {
-            "prompt_tokens": sum(_tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict)),
+            "prompt_tokens": sum(
+                _tokens(str(m.get("content") or "")) for m in messages if isinstance(m, dict)
+            ),
             "completion_tokens": _tokens(content) * n,
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(
-                self._sse(completion_id, created, body["model"], content, n, usage if include_usage else None),
+                self._sse(
+                    completion_id, created, body["model"], content, n, usage if include_usage else None
+                ),
                 media_type="text/event-stream",
             )
         completion = {
@@ -423,7 +437,10 @@ class FakeOpenAI:
         return Response(orjson.dumps(result), media_type="application/json")
 
     async def _models(self, request: Request) -> Response:
-        models = {"object": "list", "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "aiollmcache"}]}
+        models = {
+            "object": "list",
+            "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "aiollmcache"}],
+        }
         return Response(orjson.dumps(models), media_type="application/json")
 
 
@@ -444,7 +461,9 @@ class RedisServer:
     def __init__(self, *, executable: str | None = None, args: tuple[str, ...] = ()) -> None:
         found = executable or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(found):
-            raise FileNotFoundError("redis-server not found: install it (Debian: apt-get install redis-server)")
+            raise FileNotFoundError(
+                "redis-server not found: install it (Debian: apt-get install redis-server)"
+            )
         self._executable = found
         self._args = args
         self._proc: subprocess.Popen[bytes] | None = None
@@ -462,12 +481,18 @@ class RedisServer:
             proc = subprocess.Popen(
                 [
                     self._executable,
-                    "--port", str(port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                    "--logfile", "",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--daemonize",
+                    "no",
+                    "--logfile",
+                    "",
                     *self._args,
                 ],
                 stdout=subprocess.PIPE,

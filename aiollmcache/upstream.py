@@ -40,7 +40,8 @@ class OpenAIUpstream:
 
     async def __call__(self, params: dict[str, Any]) -> bytes:
         raw = await self.client.chat.completions.with_raw_response.create(**params)
-        return raw.content
+        body: bytes = raw.content
+        return body
 
 
 def parse_response(body: bytes | Mapping[str, Any]) -> tuple[bytes, ChatCompletion]:
@@ -49,5 +50,7 @@ def parse_response(body: bytes | Mapping[str, Any]) -> tuple[bytes, ChatCompleti
         raw = body if isinstance(body, bytes) else orjson.dumps(body)
         response = ChatCompletion.model_validate_json(raw)
     except (TypeError, ValidationError) as exc:
-        raise InvalidResponseError(f"upstream returned something that is not a chat completion: {exc}") from exc
+        raise InvalidResponseError(
+            f"upstream returned something that is not a chat completion: {exc}"
+        ) from exc
     return raw, response

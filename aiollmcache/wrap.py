@@ -72,4 +72,3 @@ class CachedOpenAI:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
-

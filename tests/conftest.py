@@ -51,7 +51,9 @@ async def openai_client(fake: FakeOpenAI) -> AsyncIterator[AsyncOpenAI]:
 
 
 @pytest_asyncio.fixture
-async def cache(redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str) -> AsyncIterator[LLMCache]:
+async def cache(
+    redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str
+) -> AsyncIterator[LLMCache]:
     async with LLMCache(
         redis_url=redis_server.url, openai=openai_client, model=MODEL, namespace=namespace
     ) as c:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import openai
 import orjson
@@ -18,7 +19,9 @@ from aiollmcache import (
     InvalidRequestError,
     InvalidResponseError,
     LLMCache,
+    OpenAIUpstream,
     Source,
+    Upstream,
 )
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
@@ -66,9 +69,7 @@ async def test_redis_only_hit_with_memory_tier_disabled(
     assert c.stats()["memory_entries"] == 0
 
 
-async def test_redis_key_layout_and_ttl(
-    cache: LLMCache, redis_server: RedisServer, namespace: str
-) -> None:
+async def test_redis_key_layout_and_ttl(cache: LLMCache, redis_server: RedisServer, namespace: str) -> None:
     result = await cache.complete(user("layout"), cache=CacheControl(ttl=120))
     r = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -277,17 +278,35 @@ async def test_concurrent_identical_requests_cost_one_call(cache: LLMCache, fake
 async def test_concurrent_failure_reaches_every_waiter_once(cache: LLMCache, fake: FakeOpenAI) -> None:
     fake.latency = 0.1
     fake.fail(500, prompt="fails")
-    results = await asyncio.gather(*(cache.complete(user("fails")) for _ in range(20)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(cache.complete(user("fails")) for _ in range(20)), return_exceptions=True
+    )
     assert all(isinstance(r, openai.InternalServerError) for r in results)
     assert fake.calls("fails") == 1
 
 
-async def test_cancelled_caller_does_not_cancel_the_shared_call(cache: LLMCache, fake: FakeOpenAI) -> None:
+def signalling(client: openai.AsyncOpenAI) -> tuple[asyncio.Event, Upstream]:
+    """An upstream that sets an event when a call reaches it."""
+    started = asyncio.Event()
+    inner = OpenAIUpstream(client)
+
+    async def upstream(params: dict[str, Any]) -> bytes:
+        started.set()
+        return await inner(params)
+
+    return started, upstream
+
+
+async def test_cancelled_caller_does_not_cancel_the_shared_call(
+    make_cache: Callable[..., LLMCache], openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    started, upstream = signalling(openai_client)
+    cache = make_cache(openai=None, upstream=upstream)
     fake.latency = 0.3
     leader = asyncio.create_task(cache.complete(user("cancel")))
     followers = [asyncio.create_task(cache.complete(user("cancel"))) for _ in range(5)]
-    while cache.stats()["inflight"] == 0 or fake.calls("cancel") == 0:
-        await asyncio.sleep(0.005)
+    await started.wait()  # the followers joined before the leader's Redis read returned
+    assert cache.stats()["inflight"] == 1
     leader.cancel()
     followers[0].cancel()
     results = await asyncio.gather(*followers[1:])
@@ -333,7 +352,9 @@ async def test_custom_upstream_callable() -> None:
             "object": "chat.completion",
             "created": 0,
             "model": params["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "custom"}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": "custom"}, "finish_reason": "stop"}
+            ],
         }
 
     async with LLMCache(upstream=upstream, model="m") as c:
@@ -366,12 +387,14 @@ async def test_closed_cache_refuses_work(openai_client: openai.AsyncOpenAI) -> N
         await c.complete(user("a"))
 
 
-async def test_aclose_lets_calls_in_flight_finish(openai_client: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
+async def test_aclose_lets_calls_in_flight_finish(
+    openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    started, upstream = signalling(openai_client)
     fake.latency = 0.2
-    c = LLMCache(openai=openai_client, model=MODEL)
+    c = LLMCache(upstream=upstream, model=MODEL)
     pending = asyncio.create_task(c.complete(user("late")))
-    while c.stats()["inflight"] == 0:
-        await asyncio.sleep(0.005)
+    await started.wait()
     await c.aclose()
     assert (await pending).text == "Answer to: late"
 

@@ -20,7 +20,9 @@ def completion(content: str = "Hello") -> bytes:
             "object": "chat.completion",
             "created": 1,
             "model": "m",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+            ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
         }
     )

@@ -121,7 +121,9 @@ def test_assistant_with_tool_calls_may_have_no_content() -> None:
         (BASE, {"model": 3}, "model"),
     ],
 )
-def test_bad_input_is_rejected_naming_the_problem(messages: Any, params: dict[str, Any], fragment: str) -> None:
+def test_bad_input_is_rejected_naming_the_problem(
+    messages: Any, params: dict[str, Any], fragment: str
+) -> None:
     with pytest.raises(InvalidRequestError, match=fragment.replace("[", r"\[").replace("]", r"\]")) as info:
         build_chat_request(messages, params, default_model="m")
     assert isinstance(info.value, ValueError)

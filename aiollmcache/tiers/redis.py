@@ -14,7 +14,6 @@ or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import time
@@ -77,7 +76,7 @@ def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis
 def _map_errors(op: str) -> Iterator[None]:
     try:
         yield
-    except (RedisTimeoutError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisTimeoutError) as exc:
         raise TierTimeoutError(f"redis {op}: timed out") from exc
     except (RedisError, OSError) as exc:
         raise TierUnavailableError(f"redis {op}: {exc}") from exc
@@ -100,6 +99,9 @@ class RedisTier:
         max_entry_bytes: int,
         clock: Any = time.time,
     ) -> None:
+        connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+        if connection_kwargs.get("decode_responses"):
+            raise ConfigurationError("redis: the client must be built with decode_responses=False")
         self._client = client
         self._namespace = validate_namespace(namespace)
         self._owns_client = owns_client
@@ -135,6 +137,8 @@ class RedisTier:
             blob = await self._client.get(rkey)
         if blob is None:
             return MISSING
+        if not isinstance(blob, bytes):  # a client built with decode_responses=True
+            raise TierUnavailableError("redis: the client must not decode responses")
         try:
             return decode_entry(blob, key, max_bytes=self._max_entry_bytes)
         except CorruptEntryError:

@@ -1,0 +1,42 @@
+import aiollmcache
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(aiollmcache.__all__) == sorted(
+        [
+            "EXCLUDED_PARAMS",
+            "MISSING",
+            "AiollmcacheError",
+            "CacheClosedError",
+            "CacheControl",
+            "CacheResult",
+            "CachedOpenAI",
+            "ConfigurationError",
+            "CorruptEntryError",
+            "Entry",
+            "InvalidRequestError",
+            "InvalidResponseError",
+            "LLMCache",
+            "OpenAIUpstream",
+            "Source",
+            "TierError",
+            "TierTimeoutError",
+            "TierUnavailableError",
+            "Upstream",
+            "__version__",
+        ]
+    )
+    for name in aiollmcache.__all__:
+        assert hasattr(aiollmcache, name), name
+
+
+def test_error_tree() -> None:
+    from aiollmcache import errors
+
+    assert issubclass(errors.InvalidRequestError, ValueError)
+    assert issubclass(errors.ConfigurationError, ValueError)
+    assert issubclass(errors.CacheClosedError, RuntimeError)
+    assert issubclass(errors.TierTimeoutError, TimeoutError)
+    assert issubclass(errors.TierTimeoutError, errors.TierUnavailableError)
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.AiollmcacheError)
