@@ -119,9 +119,9 @@ def _control_seconds(value: Seconds | None, default: _T) -> float | _T:
     return default if value is None else cast(float, value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CacheResult:
-    """An answer and where it came from.
+    """An answer and where it came from (one object per call).
 
     ``response`` may be shared with other callers served from the same entry:
     treat it as read-only (copy it with ``model_copy(deep=True)`` to modify).
@@ -224,6 +224,7 @@ class LLMCache:
                 redis,
                 namespace=namespace,
                 owns_client=redis_url is not None,
+                timeout=timeout,
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
             )
@@ -523,8 +524,7 @@ class LLMCache:
     def _acceptable(entry: Entry, now: float, control: CacheControl) -> bool:
         if now >= entry.fresh_until:
             return False
-        max_age = _control_seconds(control.max_age, None)
-        return max_age is None or entry.age(now) <= max_age
+        return control.max_age is None or now - entry.created_at <= cast(float, control.max_age)
 
     def _result(
         self,

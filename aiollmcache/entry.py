@@ -7,7 +7,7 @@ times are wall-clock (``time.time()``) seconds.
 Encoding (never pickle)::
 
     b"\\xa1LC" | format version (1 byte) | flags (1 byte) | payload
-    payload = u32 header length | header (orjson) | response (JSON bytes)
+    payload = u32 header length | header (orjson array) | response (JSON bytes)
 
 The payload is zlib-compressed (flag bit 0) when it is larger than the
 compression threshold. Anything that does not decode to a valid entry for the
@@ -20,7 +20,7 @@ import enum
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from openai.types.chat import ChatCompletion
@@ -37,6 +37,10 @@ _FLAG_ZLIB: Final = 0x01
 _KNOWN_FLAGS: Final = _FLAG_ZLIB
 _HEADER_LEN = struct.Struct(">I")
 _ZLIB_LEVEL: Final = 1
+# key, created_at, fresh_until, expires_at, compute_ms, model, prompt and
+# completion tokens, tags: a JSON array, cheaper to check than an object.
+_HEADER_FIELDS: Final = 9
+_NUMBER: Final = (int, float)
 
 
 class _Missing(enum.Enum):
@@ -80,17 +84,17 @@ class Entry:
 def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
     """Encode ``entry``; the payload is compressed when above ``compress_above`` bytes."""
     header = orjson.dumps(
-        {
-            "k": entry.key,
-            "c": entry.created_at,
-            "f": entry.fresh_until,
-            "x": entry.expires_at,
-            "ms": entry.compute_ms,
-            "m": entry.model,
-            "pt": entry.prompt_tokens,
-            "ct": entry.completion_tokens,
-            "t": entry.tags,
-        }
+        [
+            entry.key,
+            entry.created_at,
+            entry.fresh_until,
+            entry.expires_at,
+            entry.compute_ms,
+            entry.model,
+            entry.prompt_tokens,
+            entry.completion_tokens,
+            entry.tags,
+        ]
     )
     payload = _HEADER_LEN.pack(len(header)) + header + entry.raw
     if len(payload) > compress_above:
@@ -107,13 +111,6 @@ def _decompress(data: bytes, limit: int) -> bytes:
     if inflater.unconsumed_tail or not inflater.eof:
         raise CorruptEntryError(f"compressed payload truncated or larger than {limit} bytes")
     return out
-
-
-def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = header.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise CorruptEntryError(f"header field {name!r} missing or of the wrong type")
-    return value
 
 
 def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
@@ -138,29 +135,38 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
         header = orjson.loads(payload[_HEADER_LEN.size : header_end])
     except orjson.JSONDecodeError as exc:
         raise CorruptEntryError(f"bad header: {exc}") from exc
-    if not isinstance(header, dict):
-        raise CorruptEntryError("header is not an object")
-    if header.get("k") != key:
+    if type(header) is not list or len(header) != _HEADER_FIELDS:
+        raise CorruptEntryError("header is not a list of the expected fields")
+    stored_key, created, fresh_until, expires_at, compute_ms, model, ptokens, ctokens, tags = header
+    if stored_key != key:
         raise CorruptEntryError("entry belongs to another key")
-    tags = _field(header, "t", list)
-    if not all(isinstance(t, str) for t in tags):
-        raise CorruptEntryError("header field 't' is not a list of strings")
+    if not (
+        type(created) in _NUMBER
+        and type(fresh_until) in _NUMBER
+        and type(expires_at) in _NUMBER
+        and type(compute_ms) in _NUMBER
+        and type(model) is str
+        and type(ptokens) is int
+        and type(ctokens) is int
+        and type(tags) is list
+        and all(type(t) is str for t in tags)
+    ):
+        raise CorruptEntryError("header fields of the wrong type")
     raw = payload[header_end:]
     try:
         response = ChatCompletion.model_validate_json(raw)
     except ValidationError as exc:
         raise CorruptEntryError(f"stored response is not a chat completion: {exc}") from exc
-    number = (int, float)
     return Entry(
         key=key,
         response=response,
         raw=raw,
-        created_at=float(_field(header, "c", number)),
-        fresh_until=float(_field(header, "f", number)),
-        expires_at=float(_field(header, "x", number)),
-        compute_ms=float(_field(header, "ms", number)),
-        model=_field(header, "m", str),
-        prompt_tokens=_field(header, "pt", int),
-        completion_tokens=_field(header, "ct", int),
+        created_at=float(created),
+        fresh_until=float(fresh_until),
+        expires_at=float(expires_at),
+        compute_ms=float(compute_ms),
+        model=model,
+        prompt_tokens=ptokens,
+        completion_tokens=ctokens,
         tags=tuple(tags),
     )

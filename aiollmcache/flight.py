@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Any, Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 __all__ = ["RETRY", "Flights"]
 
@@ -23,13 +23,6 @@ class _Retry(enum.Enum):
 
 
 RETRY: Final = _Retry.RETRY
-
-
-def _mark_retrieved(fut: asyncio.Future[Any]) -> None:
-    # The leader may be gone; an exception nobody awaited must not be logged
-    # as "never retrieved": every waiter that exists has already seen it.
-    if not fut.cancelled():
-        fut.exception()
 
 
 class Flights(Generic[T]):
@@ -49,7 +42,6 @@ class Flights(Generic[T]):
     def lead(self, key: str) -> asyncio.Future[T | _Retry]:
         """Register and return a new flight for ``key``; the caller must settle it."""
         fut: asyncio.Future[T | _Retry] = asyncio.get_running_loop().create_future()
-        fut.add_done_callback(_mark_retrieved)
         self._flights[key] = fut
         return fut
 
@@ -67,6 +59,9 @@ class Flights(Generic[T]):
             return
         if exc is not None:
             fut.set_exception(exc)
+            # Every waiter gets the exception; if there is none left (the
+            # leader was cancelled), it must not be logged as never retrieved.
+            fut.exception()
         else:
             fut.set_result(result)
 

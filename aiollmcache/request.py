@@ -49,7 +49,7 @@ EXCLUDED_PARAMS = frozenset(
 _KEY_DIGEST_BYTES = 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatRequest:
     """A validated chat request.
 
@@ -72,10 +72,13 @@ def _dump_model(value: Any) -> Any:
 
 def _canon(value: Any, path: str) -> Any:
     """Return ``value`` in canonical JSON form, or raise naming ``path``."""
-    if isinstance(value, str) or value is None or isinstance(value, bool):
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
         return value
+    if isinstance(value, str):  # a str subclass (e.g. a StrEnum member)
+        return str(value)
     if isinstance(value, int):
-        return value
+        return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequestError(f"{path}: {value!r} is not a finite number")
@@ -95,6 +98,19 @@ def _canon(value: Any, path: str) -> Any:
 
 
 def _canon_message(message: Any, index: int) -> dict[str, Any]:
+    # The common case, a plain dict of strings ({"role": ..., "content": ...}),
+    # is already canonical: validate it and use it as it is.
+    if type(message) is dict and message.get("role") in VALID_ROLES:
+        for value in message.values():
+            if type(value) is not str:
+                break
+        else:
+            if "content" in message:
+                return message
+    return _canon_slow_message(message, index)
+
+
+def _canon_slow_message(message: Any, index: int) -> dict[str, Any]:
     path = f"messages[{index}]"
     if _is_model(message):
         message = _dump_model(message)
@@ -134,7 +150,9 @@ def build_chat_request(
 
     Raises :class:`InvalidRequestError` naming the first problem found. No I/O.
     """
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    if type(messages) is not list and (
+        isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence)
+    ):
         raise InvalidRequestError(
             f"messages: expected a non-empty list of dicts, got {type(messages).__name__}"
         )
@@ -142,8 +160,8 @@ def build_chat_request(
         raise InvalidRequestError("messages: expected a non-empty list of dicts, got []")
     canon_messages = [_canon_message(m, i) for i, m in enumerate(messages)]
 
-    model = params.get("model", default_model)
-    if _is_omitted(model) or model is None:
+    model = params.get("model")
+    if model is None or (type(model) is not str and _is_omitted(model)):
         model = default_model
     if not isinstance(model, str) or not model:
         raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")

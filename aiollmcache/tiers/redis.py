@@ -14,12 +14,12 @@ or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -28,7 +28,13 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..entry import MISSING, Entry, _Missing, decode_entry, encode_entry
-from ..errors import ConfigurationError, CorruptEntryError, TierTimeoutError, TierUnavailableError
+from ..errors import (
+    ConfigurationError,
+    CorruptEntryError,
+    TierError,
+    TierTimeoutError,
+    TierUnavailableError,
+)
 
 __all__ = ["KEY_PREFIX", "RedisTier", "connect", "validate_namespace"]
 
@@ -56,37 +62,40 @@ def validate_namespace(namespace: str) -> str:
 def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis:
     """A client for ``url`` with a bounded pool that waits for a free connection.
 
-    Every command is bounded by ``timeout`` (connect, read and the wait for a
-    pooled connection); a failed command is retried once at once (a pooled
-    connection may be stale after a Redis restart), never with a backoff that
-    would stall callers.
+    Connecting and waiting for a pooled connection are bounded by ``timeout``;
+    a failed command is retried once at once (a pooled connection may be stale
+    after a Redis restart), never with a backoff that would stall callers.
+    There is no per-socket read/write timeout: :class:`RedisTier` bounds each
+    whole operation with one ``asyncio.timeout`` instead, which costs a timer
+    where redis-py's socket timeout costs a task per command.
     """
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=timeout,
-        socket_timeout=timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), retries=1),
     )
     return aioredis.Redis(connection_pool=pool)
 
 
-@contextmanager
-def _map_errors(op: str) -> Iterator[None]:
-    try:
-        yield
-    except (TimeoutError, RedisTimeoutError) as exc:
-        raise TierTimeoutError(f"redis {op}: timed out") from exc
-    except (RedisError, OSError) as exc:
-        raise TierUnavailableError(f"redis {op}: {exc}") from exc
+def _translate(op: str, timeout: float, exc: BaseException) -> TierError:
+    if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+        return TierTimeoutError(f"redis {op}: no answer within {timeout}s")
+    return TierUnavailableError(f"redis {op}: {exc}")
+
+
+_ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
+T = TypeVar("T")
 
 
 class RedisTier:
     """Entries in Redis, shared by every process using the same namespace.
 
     The tier does not own freshness decisions: it stores an entry until its
-    hard expiry (``expires_at``) and returns whatever is there.
+    hard expiry (``expires_at``) and returns whatever is there. Every
+    operation is bounded by ``timeout`` seconds, whatever the client's own
+    settings; a timed-out connection is discarded by redis-py.
     """
 
     def __init__(
@@ -95,6 +104,7 @@ class RedisTier:
         *,
         namespace: str,
         owns_client: bool,
+        timeout: float,
         compress_above: int,
         max_entry_bytes: int,
         clock: Any = time.time,
@@ -105,6 +115,7 @@ class RedisTier:
         self._client = client
         self._namespace = validate_namespace(namespace)
         self._owns_client = owns_client
+        self._timeout = timeout
         self._compress_above = compress_above
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
@@ -122,8 +133,7 @@ class RedisTier:
         return f"{KEY_PREFIX}:{self._namespace}:{self.version}:e:{{{key}}}"
 
     async def load_version(self) -> int:
-        with _map_errors("GET version"):
-            raw = await self._client.get(self._version_key)
+        raw = await self._call("GET version", self._client.get(self._version_key))
         try:
             version = 0 if raw is None else int(raw)
         except ValueError:
@@ -133,8 +143,7 @@ class RedisTier:
 
     async def get(self, key: str) -> Entry | _Missing:
         rkey = self.entry_key(key)
-        with _map_errors("GET"):
-            blob = await self._client.get(rkey)
+        blob = await self._call("GET", self._client.get(rkey))
         if blob is None:
             return MISSING
         if not isinstance(blob, bytes):  # a client built with decode_responses=True
@@ -142,9 +151,20 @@ class RedisTier:
         try:
             return decode_entry(blob, key, max_bytes=self._max_entry_bytes)
         except CorruptEntryError:
-            with _map_errors("DEL corrupt"):
-                await self._delete_if_equal(keys=[rkey], args=[blob])
+            await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
+
+    async def _call(self, op: str, command: Awaitable[T]) -> T:
+        """Await one command within the time budget, translating Redis errors.
+
+        (A coroutine, not a context manager: this is on the hit path, and a
+        generator-based context manager costs more than the tier's own code.)
+        """
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await command
+        except _ERRORS as exc:
+            raise _translate(op, self._timeout, exc) from exc
 
     def encode(self, entry: Entry) -> bytes:
         return encode_entry(entry, compress_above=self._compress_above)
@@ -159,16 +179,13 @@ class RedisTier:
         if ttl_ms <= 0 or len(blob) > self._max_entry_bytes:
             return False
         rkey = self.entry_key(entry.key)
-        with _map_errors("SET"):
-            await self._client.set(rkey, blob, px=ttl_ms)
+        await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
         return True
 
     async def delete(self, key: str) -> bool:
         rkey = self.entry_key(key)
-        with _map_errors("UNLINK"):
-            return bool(await self._client.unlink(rkey))
+        return bool(await self._call("UNLINK", self._client.unlink(rkey)))
 
     async def aclose(self) -> None:
         if self._owns_client:
-            with _map_errors("close"):
-                await self._client.aclose(close_connection_pool=True)
+            await self._call("close", self._client.aclose(close_connection_pool=True))

@@ -1,0 +1,154 @@
+"""Latency of a cache hit through ``LLMCache.complete()``, against raw redis-py.
+
+Rows, measured interleaved in one run on one Redis and one connection pool:
+
+- ``raw GET + orjson.loads``: redis-py GET of a ~2 KB completion's JSON and
+  orjson.loads of it: the floor for any Redis-backed cache.
+- ``complete(), Redis hit``: the full call with the memory tier disabled
+  (key computation, Redis GET, envelope decoding, ChatCompletion validation).
+- ``complete(), memory hit``: the full call answered from the memory tier.
+
+Also, for reference, raw GET through redis-py's default (non-blocking) pool.
+
+    python benchmarks/hit_latency.py [--iterations 20000] [--redis-url URL] [--json PATH]
+
+Without ``--redis-url`` a private redis-server is started on a free port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from _common import print_table, summarize, write_json
+
+from aiollmcache import LLMCache
+from aiollmcache.testing import RedisServer
+from aiollmcache.tiers.redis import connect
+
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Explain the difference between a process and a thread."},
+]
+
+
+def completion(chars: int) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "x" * chars, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 25, "completion_tokens": 400, "total_tokens": 425},
+        "system_fingerprint": "fp_bench",
+    }
+
+
+async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
+    body = completion(answer_chars)
+    raw_json = orjson.dumps(body)
+
+    async def upstream(params: dict[str, Any]) -> bytes:
+        return raw_json
+
+    client = connect(url, max_connections=64, timeout=1.0)
+    default_pool = aioredis.Redis.from_url(url)
+    raw_key = "bench:raw:{hit_latency}"
+    await client.set(raw_key, raw_json)
+    memory_cache = LLMCache(upstream=upstream, model="gpt-4o-mini", namespace="bench-mem")
+    redis_cache = LLMCache(
+        redis=client, upstream=upstream, model="gpt-4o-mini", namespace="bench", memory_max_entries=0
+    )
+    samples: dict[str, list[int]] = {
+        "raw GET + orjson.loads": [],
+        "complete(), Redis hit": [],
+        "complete(), memory hit": [],
+        "raw GET + orjson.loads (default pool)": [],
+    }
+    clock = time.perf_counter_ns
+    try:
+        await redis_cache.complete(MESSAGES)  # store
+        await memory_cache.complete(MESSAGES)
+        first = await redis_cache.complete(MESSAGES)
+        assert first.source == "redis", first.source
+        assert (await memory_cache.complete(MESSAGES)).source == "memory"
+        warmup = max(200, iterations // 10)
+        # Redis paths interleaved, so machine noise hits them alike.
+        for i in range(warmup + iterations):
+            t0 = clock()
+            orjson.loads(await client.get(raw_key))
+            t1 = clock()
+            r = await redis_cache.complete(MESSAGES)
+            t2 = clock()
+            orjson.loads(await default_pool.get(raw_key))
+            t3 = clock()
+            if i >= warmup:
+                samples["raw GET + orjson.loads"].append(t1 - t0)
+                samples["complete(), Redis hit"].append(t2 - t1)
+                samples["raw GET + orjson.loads (default pool)"].append(t3 - t2)
+        # Memory hits in a block of their own: a few microseconds each, they
+        # would otherwise measure the caches the Redis round trips just evicted.
+        memory_samples = samples["complete(), memory hit"]
+        for i in range(warmup + iterations * 5):
+            t0 = clock()
+            m = await memory_cache.complete(MESSAGES)
+            t1 = clock()
+            if i >= warmup:
+                memory_samples.append(t1 - t0)
+        assert r.source == "redis" and m.source == "memory"
+        stats = redis_cache.stats()
+        assert stats["upstream_calls"] == 1 and stats["hits_redis"] >= iterations
+    finally:
+        await memory_cache.aclose()
+        await redis_cache.aclose()
+        await client.delete(raw_key)
+        await client.aclose(close_connection_pool=True)
+        await default_pool.aclose()
+    results = {name: summarize(values) for name, values in samples.items()}
+    floor = results["raw GET + orjson.loads"]["p50_us"]
+    for result in results.values():
+        result["p50_vs_raw_get"] = result["p50_us"] / floor
+    return {"iterations": iterations, "response_bytes": len(raw_json), "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iterations", type=int, default=20_000)
+    parser.add_argument(
+        "--answer-chars", type=int, default=1700, help="answer size; ~2 KB response by default"
+    )
+    parser.add_argument("--redis-url", default=None)
+    parser.add_argument("--json", default=None, help="where to write the JSON (default benchmarks/results/)")
+    args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        url = args.redis_url or stack.enter_context(RedisServer()).url
+        report = asyncio.run(run(url, args.iterations, args.answer_chars))
+    rows = [
+        (
+            name,
+            f"{r['p50_us']:.1f}",
+            f"{r['p90_us']:.1f}",
+            f"{r['p99_us']:.1f}",
+            f"{r['p50_vs_raw_get']:.2f}x",
+        )
+        for name, r in report["results"].items()
+    ]
+    print(f"{args.iterations} interleaved iterations, response {report['response_bytes']} bytes\n")
+    print_table(("path", "p50 us", "p90 us", "p99 us", "p50 vs raw GET"), rows)
+    print(f"\nwrote {write_json('hit_latency', report, args.json)}")
+
+
+if __name__ == "__main__":
+    main()
