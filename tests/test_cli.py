@@ -8,7 +8,8 @@ from aiollmcache.cli import _prompts, main
 
 
 def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--requests", "40", "--prompts", "5", "--latency", "0.01", "--answer-chars", "50"]) == 0
+    argv = ["demo", "--requests", "40", "--prompts", "5", "--latency", "0.01", "--answer-chars", "50"]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     body = lines[lines.index(next(x for x in lines if x.startswith("---"))) + 1 :]
     # scenario -> requests, upstream, memory, redis, coalesced, seconds, speed-up
