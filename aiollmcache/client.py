@@ -13,10 +13,10 @@ import enum
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 
 import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion
@@ -29,11 +29,13 @@ from .errors import (
     CorruptEntryError,
     InvalidRequestError,
     TierUnavailableError,
+    WaitTimeoutError,
 )
-from .flight import RETRY, Flights
+from .flight import RETRY, Coordinator, Flights, LeaseSettings
 from .request import ChatRequest, build_chat_request
 from .stats import Stats
 from .tiers.memory import MemoryTier
+from .tiers.pubsub import Subscriber
 from .tiers.redis import RedisTier, connect, validate_namespace
 from .upstream import OpenAIUpstream, Upstream, parse_response
 
@@ -50,6 +52,7 @@ Seconds = float | timedelta
 # times the bytes of its JSON; this factor keeps memory_max_bytes honest.
 _MEMORY_SIZE_FACTOR: Final = 4
 _MEMORY_ENTRY_OVERHEAD: Final = 512
+_VERSION_RETRY_INTERVAL: Final = 1.0
 
 
 def _seconds(value: Seconds | None, name: str, *, positive: bool = False) -> float | None:
@@ -146,6 +149,10 @@ class CacheResult:
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
+# What a flight hands its callers: the entry, where it came from, and whether
+# it was computed by another process this one waited on.
+_Outcome = tuple[Entry, "Source", bool]
+
 
 class LLMCache:
     """A tiered cache in front of an OpenAI-compatible chat API.
@@ -187,12 +194,22 @@ class LLMCache:
         redis_timeout: Seconds = 0.5,
         redis_max_connections: int = 64,
         close_timeout: Seconds = 10.0,
+        lease_ttl: Seconds = 10.0,
+        lease_max_lifetime: Seconds = 600.0,
+        max_wait: Seconds = 300.0,
+        on_wait_timeout: Literal["raise", "upstream"] = "raise",
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
             raise ConfigurationError("pass redis_url= or redis=, not both")
         if openai is not None and upstream is not None:
             raise ConfigurationError("pass openai= or upstream=, not both")
+        if openai is not None and not hasattr(openai, "chat"):
+            raise ConfigurationError(f"openai: expected an AsyncOpenAI client, got {type(openai).__name__}")
+        if upstream is not None and not callable(upstream):
+            raise ConfigurationError(f"upstream: expected an async callable, got {type(upstream).__name__}")
+        if redis is not None and not isinstance(redis, aioredis.Redis):
+            raise ConfigurationError(f"redis: expected a redis.asyncio.Redis, got {type(redis).__name__}")
         if semantic is not None:
             raise ConfigurationError("semantic: the semantic tier is not available in this version")
         if model is not None and (not isinstance(model, str) or not model):
@@ -228,9 +245,23 @@ class LLMCache:
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
             )
+        if on_wait_timeout not in ("raise", "upstream"):
+            raise ConfigurationError(
+                f"on_wait_timeout: expected 'raise' or 'upstream', got {on_wait_timeout!r}"
+            )
+        self._lease_settings = LeaseSettings(
+            ttl=_seconds(lease_ttl, "lease_ttl", positive=True) or 0.0,
+            max_lifetime=_seconds(lease_max_lifetime, "lease_max_lifetime", positive=True) or 0.0,
+            max_wait=_seconds(max_wait, "max_wait") or 0.0,
+            on_wait_timeout=on_wait_timeout,
+        )
+        self._version_retry_at = 0.0
+        self._subscriber: Subscriber | None = None
+        self._coordinator: Coordinator | None = None
+        self._redis_timeout = timeout
         self._upstream: Upstream | None = OpenAIUpstream(openai) if openai is not None else upstream
         self._owned_openai: AsyncOpenAI | None = None
-        self._flights: Flights[tuple[Entry, Source]] = Flights()
+        self._flights: Flights[_Outcome] = Flights()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats = Stats()
         self._log = RateLimitedLogger()
@@ -244,8 +275,10 @@ class LLMCache:
         """Build a cache from ``AIOLLMCACHE_REDIS_URL``, ``AIOLLMCACHE_NAMESPACE``,
         ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``; keyword arguments win.
 
-        The OpenAI client built here (when ``OPENAI_API_KEY`` is set and no
-        ``openai=``/``upstream=`` is given) is owned, and closed by ``aclose()``.
+        When neither ``openai=`` nor ``upstream=`` is given and ``OPENAI_API_KEY``
+        or ``OPENAI_BASE_URL`` is set (a local OpenAI-compatible server may need
+        no key), an ``AsyncOpenAI`` client is built; the cache owns it and
+        closes it in ``aclose()``.
         """
         env = os.environ
         kwargs: dict[str, Any] = {}
@@ -255,10 +288,11 @@ class LLMCache:
             kwargs["namespace"] = ns
         kwargs.update(overrides)
         owned = None
-        if "openai" not in kwargs and "upstream" not in kwargs and env.get("OPENAI_API_KEY"):
+        api_key, base_url = env.get("OPENAI_API_KEY"), env.get("OPENAI_BASE_URL")
+        if "openai" not in kwargs and "upstream" not in kwargs and (api_key or base_url):
             from openai import AsyncOpenAI
 
-            owned = AsyncOpenAI(api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL") or None)
+            owned = AsyncOpenAI(api_key=api_key or "unused", base_url=base_url or None)
             kwargs["openai"] = owned
         cache = cls(**kwargs)
         cache._owned_openai = owned
@@ -293,6 +327,10 @@ class LLMCache:
             if self._state != _NEW:
                 return
             if self._redis is not None:
+                self._subscriber = Subscriber(self._redis.client, timeout=self._redis_timeout)
+                self._coordinator = Coordinator(
+                    self._redis, self._subscriber, self._lease_settings, self._spawn
+                )
                 await self._load_version()
             self._state = _OPEN
 
@@ -307,9 +345,14 @@ class LLMCache:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
             for task in pending:
                 task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            # Cancelled holders give their leases back in tasks of their own.
+            while self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self._redis_timeout * 2 + 1)
+                for task in self._tasks:
+                    task.cancel()
         self._memory.clear()
+        if self._subscriber is not None:
+            await self._subscriber.aclose()
         if self._redis is not None:
             try:
                 await self._redis.aclose()
@@ -321,6 +364,11 @@ class LLMCache:
     @property
     def closed(self) -> bool:
         return self._state == _CLOSED
+
+    @property
+    def model(self) -> str | None:
+        """The default model, used when a request names none."""
+        return self._model
 
     # -- public API -------------------------------------------------------------
 
@@ -340,12 +388,18 @@ class LLMCache:
         """
         if params.get("stream"):
             raise InvalidRequestError("stream: complete() returns whole answers; pass stream=False")
+        if cache is not None and not isinstance(cache, CacheControl):
+            raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
         request = build_chat_request(messages, params, default_model=self._model)
         return await self._complete(request, cache, self._upstream)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (plain data, safe to serialise)."""
         snapshot = self._stats.snapshot()
+        if self._coordinator is not None:
+            lease = self._coordinator.stats
+            snapshot["stores"] += lease.committed
+            snapshot.update({f"lease_{name}": value for name, value in asdict(lease).items()})
         snapshot["memory_entries"] = len(self._memory)
         snapshot["memory_bytes"] = self._memory.nbytes
         snapshot["memory_evictions"] = self._memory.evictions
@@ -384,8 +438,10 @@ class LLMCache:
             if flight is not None:
                 outcome = await asyncio.shield(flight)
                 if outcome is RETRY:
+                    if self._state == _CLOSED:
+                        raise CacheClosedError("this LLMCache was closed while the request was in flight")
                     continue
-                entry, source = outcome
+                entry, source, _ = outcome
                 now = time.time()
                 if self._acceptable(entry, now, control):
                     self._stats.coalesced += 1
@@ -411,9 +467,9 @@ class LLMCache:
         try:
             found = await self._redis_get(key, control, now)
             if found is not MISSING:
-                self._flights.settle(key, fut, (found, Source.REDIS))
+                self._flights.settle(key, fut, (found, Source.REDIS, False))
                 return self._result(found, Source.REDIS, now, saved=True)
-            task = self._spawn(self._compute_shared(request, control, upstream))
+            task = self._spawn(self._fill(request, control, upstream))
             self._flights.follow_task(key, fut, task)
         except BaseException:
             # Cancelled (or failed) before the flight had a task: followers retry.
@@ -423,8 +479,10 @@ class LLMCache:
         if outcome is RETRY:
             # The shared task was cancelled (the cache is closing).
             raise CacheClosedError("this LLMCache was closed while the request was in flight")
-        entry, _ = outcome
-        return self._result(entry, Source.UPSTREAM, time.time())
+        entry, source, remote = outcome
+        if remote:
+            self._stats.coalesced_remote += 1
+        return self._result(entry, source, time.time(), coalesced=remote, saved=remote)
 
     async def _redis_get(self, key: str, control: CacheControl, now: float) -> Entry | Any:
         tier = self._redis
@@ -451,19 +509,52 @@ class LLMCache:
         return entry
 
     async def _load_version(self) -> None:
+        # Until the version is known the Redis tier is skipped (an entry of a
+        # retired version must never be served); retry at most once a second
+        # so a Redis that is down costs one timeout per second, not per call.
         assert self._redis is not None
+        now = time.monotonic()
+        if now < self._version_retry_at:
+            return
         try:
             await self._redis.load_version()
         except (TierUnavailableError, CorruptEntryError) as exc:
+            self._version_retry_at = time.monotonic() + _VERSION_RETRY_INTERVAL
             self._stats.redis_errors += 1
             self._log.warning("redis", "cannot read the namespace version, skipping Redis: %s", exc)
 
-    async def _compute_shared(
-        self, request: ChatRequest, control: CacheControl, upstream: Upstream
-    ) -> tuple[Entry, Source]:
-        return await self._compute(request, control, upstream), Source.UPSTREAM
+    async def _fill(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> _Outcome:
+        """The shared task of a miss: one upstream call per key across processes
+        when Redis is there, else in this process."""
+        coordinator = self._coordinator
+        if coordinator is None or self._redis is None or self._redis.version is None:
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+
+        async def compute() -> Entry:
+            return await self._call_upstream(request, control, upstream)
+
+        try:
+            entry, remote = await coordinator.run(request.key, compute, self._encode_for_redis)
+        except TierUnavailableError as exc:
+            # Raised only before this process called upstream: go on without Redis.
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "Redis unavailable, calling upstream without a lease: %s", exc)
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+        except WaitTimeoutError:
+            if self._lease_settings.on_wait_timeout == "raise":
+                raise
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+        self._remember(entry, time.time())
+        return entry, (Source.REDIS if remote else Source.UPSTREAM), remote
 
     async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
+        """Call upstream and store the answer (unless ``no_store``), without a lease."""
+        entry = await self._call_upstream(request, control, upstream)
+        if not control.no_store:
+            await self._store(entry, entry.created_at)
+        return entry
+
+    async def _call_upstream(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         self._stats.misses += 1
         self._stats.upstream_calls += 1
         started = time.monotonic()
@@ -474,10 +565,9 @@ class LLMCache:
             self._stats.upstream_errors += 1
             raise
         created = time.time()
-        ttl = _control_seconds(control.ttl, self._ttl)
-        fresh_until = created + ttl
+        fresh_until = created + _control_seconds(control.ttl, self._ttl)
         usage = response.usage
-        entry = Entry(
+        return Entry(
             key=request.key,
             response=response,
             raw=raw,
@@ -490,9 +580,13 @@ class LLMCache:
             completion_tokens=usage.completion_tokens if usage else 0,
             tags=tuple(control.tags),
         )
-        if not control.no_store:
-            await self._store(entry, created)
-        return entry
+
+    def _encode_for_redis(self, entry: Entry) -> bytes | None:
+        assert self._redis is not None
+        if len(entry.raw) > self._max_entry_bytes:
+            self._stats.store_skipped += 1
+            return None
+        return self._redis.encode(entry)
 
     async def _store(self, entry: Entry, now: float) -> None:
         if len(entry.raw) > self._max_entry_bytes:
@@ -517,6 +611,8 @@ class LLMCache:
     # -- helpers --------------------------------------------------------------
 
     def _remember(self, entry: Entry, now: float) -> None:
+        if len(entry.raw) > self._max_entry_bytes:
+            return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
         self._memory.set(entry.key, entry, ttl=entry.fresh_until - now, size=size)
 

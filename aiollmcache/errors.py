@@ -12,10 +12,13 @@ the SDK's own exception, whether they led the call or waited on it.
     ├── InvalidResponseError (ValueError)     an upstream callable returned something unusable
     ├── ConfigurationError (ValueError)       bad settings
     ├── CacheClosedError (RuntimeError)       the cache was used after aclose()
-    └── TierError                             a storage tier failed (handled inside the cache)
-        ├── TierUnavailableError              the tier cannot be reached
-        │   └── TierTimeoutError (TimeoutError)
-        └── CorruptEntryError                 bytes at a key are not a valid entry
+    ├── TierError                             a storage tier failed (handled inside the cache)
+    │   ├── TierUnavailableError              the tier cannot be reached
+    │   │   └── TierTimeoutError (TimeoutError)
+    │   └── CorruptEntryError                 bytes at a key are not a valid entry
+    └── CoordinationError                     waiting on another process's call went wrong
+        ├── WaitTimeoutError (TimeoutError)   the other process's call took longer than max_wait
+        └── RemoteUpstreamError               the other process's upstream call failed
 
 ``TierError`` and its subclasses are translated at the tier boundary and
 handled by the cache (the tier is skipped, the event counted); they reach
@@ -28,12 +31,15 @@ __all__ = [
     "AiollmcacheError",
     "CacheClosedError",
     "ConfigurationError",
+    "CoordinationError",
     "CorruptEntryError",
     "InvalidRequestError",
     "InvalidResponseError",
+    "RemoteUpstreamError",
     "TierError",
     "TierTimeoutError",
     "TierUnavailableError",
+    "WaitTimeoutError",
 ]
 
 
@@ -71,3 +77,28 @@ class TierTimeoutError(TierUnavailableError, TimeoutError):
 
 class CorruptEntryError(TierError):
     """The bytes stored at a key are not a valid entry of this format."""
+
+
+class CoordinationError(AiollmcacheError):
+    """Waiting on an identical request computed by another process failed."""
+
+
+class WaitTimeoutError(CoordinationError, TimeoutError):
+    """Another process held the request's lease for longer than ``max_wait``."""
+
+
+class RemoteUpstreamError(CoordinationError):
+    """The upstream call made by another process for this request failed.
+
+    Callers in the process that made the call get the SDK's own exception;
+    callers elsewhere get this one, with what that exception said.
+    ``error_type`` is its class name (e.g. ``"RateLimitError"``),
+    ``status_code`` its HTTP status when it had one.
+    """
+
+    def __init__(self, error_type: str, message: str, status_code: int | None = None) -> None:
+        self.error_type = error_type
+        self.status_code = status_code
+        self.message = message
+        status = f" (HTTP {status_code})" if status_code is not None else ""
+        super().__init__(f"the upstream call made by another process failed: {error_type}{status}: {message}")

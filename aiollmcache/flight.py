@@ -1,4 +1,6 @@
-"""In-process single-flight: one shared computation per key.
+"""Single-flight: one upstream call per key, in a process and across processes.
+
+In a process (:class:`Flights`):
 
 A flight is a future registered under a key by the first caller (the leader).
 Callers arriving while it is registered await it through ``asyncio.shield``:
@@ -11,9 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Final, Generic, TypeVar
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Literal, TypeVar
 
-__all__ = ["RETRY", "Flights"]
+import orjson
+from redis.exceptions import RedisError
+
+from ._log import logger
+from .entry import Entry
+from .errors import CorruptEntryError, RemoteUpstreamError, TierError, WaitTimeoutError
+from .tiers.pubsub import RESYNC, Subscriber, Subscription
+from .tiers.redis import RedisTier
+
+__all__ = ["RETRY", "Coordinator", "Flights", "LeaseSettings", "LeaseStats"]
 
 T = TypeVar("T")
 
@@ -77,3 +91,223 @@ class Flights(Generic[T]):
                 self.settle(key, fut, t.result())
 
         task.add_done_callback(done)
+
+
+# -- across processes -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseSettings:
+    """How processes share one upstream call per key.
+
+    - ``ttl``: lease lifetime without renewal: the bound on how long a dead
+      holder blocks the others. Renewed every ``ttl / 3`` while the call runs.
+    - ``max_lifetime``: a holder stops renewing after this long, so a stuck
+      call cannot block a key forever.
+    - ``max_wait``: how long a process waits on another's call.
+    - ``on_wait_timeout``: ``"raise"`` (:class:`WaitTimeoutError`) or
+      ``"upstream"`` (call the model itself).
+    """
+
+    ttl: float = 10.0
+    max_lifetime: float = 600.0
+    max_wait: float = 300.0
+    on_wait_timeout: Literal["raise", "upstream"] = "raise"
+
+
+@dataclass(slots=True)
+class LeaseStats:
+    held: int = 0
+    committed: int = 0
+    waited: int = 0
+    takeovers: int = 0
+    lost: int = 0
+    remote_failures: int = 0
+    wait_timeouts: int = 0
+    resyncs: int = 0
+    corrupt: int = 0
+
+
+# A waiter wakes this long after the lease should have expired, so a holder
+# that died is replaced at most ttl + this after its last renewal.
+_EXPIRY_MARGIN = 0.05
+
+
+def failure_message(exc: BaseException) -> bytes:
+    status = getattr(exc, "status_code", None)
+    body = {
+        "type": type(exc).__name__,
+        "message": str(exc)[:2000],
+        "status": status if isinstance(status, int) else None,
+    }
+    return b"fail:" + orjson.dumps(body)
+
+
+def _remote_error(message: bytes) -> RemoteUpstreamError:
+    try:
+        body = orjson.loads(message[5:])
+        status = body.get("status")
+        return RemoteUpstreamError(
+            str(body.get("type")), str(body.get("message")), status if isinstance(status, int) else None
+        )
+    except (orjson.JSONDecodeError, AttributeError):
+        return RemoteUpstreamError("unknown", message[5:].decode(errors="replace"))
+
+
+class Coordinator:
+    """One upstream call per key across every process sharing the Redis.
+
+    For a key missing from Redis, :meth:`run` either takes the key's lease and
+    calls ``compute`` (renewing the lease meanwhile, then writing the entry,
+    releasing the lease and publishing "done" in one script), or waits for the
+    holder's notification. Every wait is bounded by the lease's remaining
+    time, after which the waiter re-checks: a lost message costs one bounded
+    wait, and a dead holder's lease expires so that exactly one waiter (SET NX)
+    takes over.
+
+    Not guaranteed: a holder paused for longer than the lease (a long GC or
+    SIGSTOP) may find its lease taken; it then returns its answer to its own
+    callers without writing it, and the new holder's answer is stored.
+    """
+
+    def __init__(
+        self,
+        tier: RedisTier,
+        subscriber: Subscriber,
+        settings: LeaseSettings,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+    ) -> None:
+        self._tier = tier
+        self._subscriber = subscriber
+        self._settings = settings
+        self._lease_ms = max(1, round(settings.ttl * 1000))
+        self._spawn = spawn
+        self.stats = LeaseStats()
+
+    async def run(
+        self,
+        key: str,
+        compute: Callable[[], Awaitable[Entry]],
+        encode: Callable[[Entry], bytes | None],
+    ) -> tuple[Entry, bool]:
+        """Return the entry for ``key`` and whether another process computed it.
+
+        ``compute`` calls the model; ``encode`` gives the bytes to store (None:
+        do not store). Redis errors propagate as :class:`TierError`; the
+        caller decides how to go on without Redis.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.max_wait
+        subscription: Subscription | None = None
+        waited = False
+        try:
+            while True:
+                token = secrets.token_hex(16)
+                try:
+                    state = await self._tier.acquire(key, token, self._lease_ms)
+                except CorruptEntryError as exc:
+                    self.stats.corrupt += 1
+                    logger.warning("dropped a corrupt entry in Redis: %s", exc)
+                    continue
+                if state is True:
+                    if waited:
+                        self.stats.takeovers += 1
+                    return await self._hold(key, token, compute, encode), False
+                if isinstance(state, Entry):
+                    if waited:
+                        self.stats.waited += 1
+                    return state, waited
+                assert isinstance(state, int)
+                if subscription is None:
+                    # Subscribe, then check again: "done" may have been
+                    # published before the subscription existed.
+                    subscription = await self._subscribe(key)
+                    waited = True
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    self.stats.wait_timeouts += 1
+                    raise WaitTimeoutError(
+                        f"another process held this request's lease for over {self._settings.max_wait}s"
+                    )
+                message = await self._wait(subscription, min(state / 1000 + _EXPIRY_MARGIN, remaining))
+                if message is RESYNC:
+                    self.stats.resyncs += 1
+                elif isinstance(message, bytes) and message.startswith(b"fail:"):
+                    self.stats.remote_failures += 1
+                    raise _remote_error(message)
+                # "done", "retry", a timeout or a resync: check again.
+        finally:
+            if subscription is not None:
+                await subscription.close()
+
+    async def _subscribe(self, key: str) -> Subscription | None:
+        try:
+            return await self._subscriber.subscribe(self._tier.channel(key))
+        except (RedisError, OSError) as exc:
+            # Without notifications, fall back to bounded waits and re-checks.
+            logger.debug("pub/sub subscribe failed, waiting without notifications: %s", exc)
+            return None
+
+    async def _wait(self, subscription: Subscription | None, seconds: float) -> bytes | object | None:
+        if subscription is None:
+            await asyncio.sleep(seconds)
+            return None
+        return await subscription.wait(seconds)
+
+    async def _hold(
+        self,
+        key: str,
+        token: str,
+        compute: Callable[[], Awaitable[Entry]],
+        encode: Callable[[Entry], bytes | None],
+    ) -> Entry:
+        self.stats.held += 1
+        renewer = self._spawn(self._renew(key, token))
+        try:
+            entry = await compute()
+        except BaseException as exc:
+            renewer.cancel()
+            message = failure_message(exc) if isinstance(exc, Exception) else b"retry"
+            # Bounded and shielded: a cancelled holder still frees the key at once.
+            await self._release_quietly(self._tier.abandon(key, token, message))
+            raise
+        renewer.cancel()
+        blob = encode(entry)
+        if blob is None:
+            await self._release_quietly(self._tier.abandon(key, token, b"retry"))
+        else:
+            try:
+                committed = await self._tier.commit(entry, blob, token)
+            except TierError as exc:
+                # The answer is good; only sharing it failed. Waiters re-check
+                # when the lease expires and one of them takes over.
+                logger.warning("could not store an answer in Redis: %s", exc)
+                return entry
+            if committed:
+                self.stats.committed += 1
+            else:
+                self.stats.lost += 1
+                logger.warning("lost the lease for %s before writing: answer not stored", key)
+        return entry
+
+    async def _release_quietly(self, release: Coroutine[Any, Any, bool]) -> None:
+        task = self._spawn(release)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            raise
+        except (TierError, RedisError, OSError) as exc:
+            logger.warning("could not release a lease: %s", exc)
+
+    async def _renew(self, key: str, token: str) -> None:
+        loop = asyncio.get_running_loop()
+        stop_at = loop.time() + self._settings.max_lifetime
+        interval = self._settings.ttl / 3
+        while loop.time() + interval < stop_at:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._tier.renew(key, token, self._lease_ms):
+                    return  # lost: commit will find out and not write
+            except TierError as exc:
+                logger.warning("could not renew a lease: %s", exc)

@@ -47,6 +47,9 @@ EXCLUDED_PARAMS = frozenset(
 )
 
 _KEY_DIGEST_BYTES = 16
+_JSON_INT_MIN = -(2**63)  # what orjson (and the API) can carry
+_JSON_INT_MAX = 2**64 - 1
+_EXACT_FLOAT_INT = 2**53
 
 
 @dataclass(slots=True)
@@ -73,16 +76,19 @@ def _dump_model(value: Any) -> Any:
 def _canon(value: Any, path: str) -> Any:
     """Return ``value`` in canonical JSON form, or raise naming ``path``."""
     kind = type(value)
-    if kind is str or kind is int or kind is bool or value is None:
+    if kind is str or kind is bool or value is None:
         return value
     if isinstance(value, str):  # a str subclass (e.g. a StrEnum member)
         return str(value)
     if isinstance(value, int):
+        if not _JSON_INT_MIN <= value <= _JSON_INT_MAX:
+            raise InvalidRequestError(f"{path}: {value} is out of the 64-bit integer range")
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequestError(f"{path}: {value!r} is not a finite number")
-        return int(value) if value.is_integer() else value
+        # 1.0 and 1 are the same value; only where the float is exact as an int.
+        return int(value) if value.is_integer() and abs(value) <= _EXACT_FLOAT_INT else value
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
@@ -134,7 +140,9 @@ def _canon_slow_message(message: Any, index: int) -> dict[str, Any]:
         raise InvalidRequestError(
             f"{path}.content: expected a string or a list of parts, got {type(content).__name__}"
         )
-    canon: dict[str, Any] = _canon(message, path)
+    # A field set to None is the same message as one without it (the SDK's
+    # message objects carry e.g. refusal=None).
+    canon: dict[str, Any] = _canon({k: v for k, v in message.items() if v is not None}, path)
     return canon
 
 
@@ -163,8 +171,10 @@ def build_chat_request(
     model = params.get("model")
     if model is None or (type(model) is not str and _is_omitted(model)):
         model = default_model
+        if model is None:
+            raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")
     if not isinstance(model, str) or not model:
-        raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")
+        raise InvalidRequestError(f"model: expected a non-empty string, got {model!r}")
 
     send: dict[str, Any] = {"model": model, "messages": canon_messages}
     keyed: dict[str, Any] = {"model": model, "messages": canon_messages}

@@ -18,6 +18,7 @@ class Stats:
     hits_memory: int = 0
     hits_redis: int = 0
     coalesced: int = 0
+    coalesced_remote: int = 0
     misses: int = 0
     upstream_calls: int = 0
     upstream_errors: int = 0
@@ -30,6 +31,6 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
-        served_without_upstream = self.hits_memory + self.hits_redis + self.coalesced
+        served_without_upstream = self.hits_memory + self.hits_redis + self.coalesced + self.coalesced_remote
         data["hit_rate"] = served_without_upstream / self.requests if self.requests else 0.0
         return data

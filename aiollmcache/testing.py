@@ -122,6 +122,7 @@ class FakeOpenAI:
         self._host = host
         self._port = port
         self._lock = threading.Lock()
+        self._called = threading.Condition(self._lock)
         self._chat_calls: Counter[str] = Counter()
         self._embedding_calls = 0
         self._requests: list[dict[str, Any]] = []
@@ -230,6 +231,18 @@ class FakeOpenAI:
                 return sum(self._chat_calls.values())
             return self._chat_calls[prompt]
 
+    def wait_for_calls(self, n: int, *, prompt: str | None = None, timeout: float = 10.0) -> None:
+        """Block until at least ``n`` chat calls (for ``prompt``, if given) have
+        arrived; raise TimeoutError after ``timeout`` seconds. From async code:
+        ``await asyncio.to_thread(fake.wait_for_calls, 1)``."""
+
+        def arrived() -> bool:
+            return (sum(self._chat_calls.values()) if prompt is None else self._chat_calls[prompt]) >= n
+
+        with self._called:
+            if not self._called.wait_for(arrived, timeout):
+                raise TimeoutError(f"{n} call(s) did not arrive within {timeout}s")
+
     @property
     def embedding_calls(self) -> int:
         with self._lock:
@@ -300,9 +313,10 @@ class FakeOpenAI:
         if not isinstance(messages, list) or not messages or not isinstance(body.get("model"), str):
             return self._error(400, "'messages' and 'model' are required")
         prompt = last_user_text(body)
-        with self._lock:
+        with self._called:
             self._chat_calls[prompt] += 1
             self._requests.append(body)
+            self._called.notify_all()
         failure = self._take_failure(prompt)
         if failure is not None:
             if failure.status is None:

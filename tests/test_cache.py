@@ -399,6 +399,34 @@ async def test_aclose_lets_calls_in_flight_finish(
     assert (await pending).text == "Answer to: late"
 
 
+async def test_callers_waiting_when_the_cache_closes_get_closed_errors(
+    openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    started, upstream = signalling(openai_client)
+    fake.latency = 1.0
+    c = LLMCache(upstream=upstream, model=MODEL, close_timeout=0.05)
+    callers = [asyncio.create_task(c.complete(user("closing"))) for _ in range(3)]
+    await started.wait()
+    await c.aclose()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert all(isinstance(r, CacheClosedError) for r in results)
+    assert fake.calls("closing") == 1
+    assert c.stats()["stores"] == 0
+
+
+async def test_wrong_types_fail_with_clear_errors(cache: LLMCache) -> None:
+    with pytest.raises(InvalidRequestError, match="cache: expected a CacheControl"):
+        await cache.complete(user("x"), cache={"ttl": 5})  # type: ignore[arg-type]
+    for kwargs, fragment in (
+        ({"redis": object()}, "redis: expected"),
+        ({"openai": "sk-key"}, "openai: expected"),
+        ({"upstream": "not callable"}, "upstream: expected"),
+        ({"on_wait_timeout": "ignore"}, "on_wait_timeout"),
+    ):
+        with pytest.raises(ConfigurationError, match=fragment):
+            LLMCache(**kwargs)  # type: ignore[arg-type]
+
+
 async def test_no_upstream_configured(fake: FakeOpenAI) -> None:
     async with LLMCache(model=MODEL) as c:
         with pytest.raises(ConfigurationError, match="upstream"):
@@ -433,6 +461,14 @@ async def test_cache_control_validation() -> None:
     for bad in ({"ttl": 0}, {"max_age": -1}, {"tags": "single"}, {"tags": [""]}, {"tags": ["{x}"]}):
         with pytest.raises(ConfigurationError):
             CacheControl(**bad)  # type: ignore[arg-type]
+
+
+async def test_from_env_with_only_a_base_url(monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("AIOLLMCACHE_REDIS_URL", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake.base_url)
+    async with LLMCache.from_env(model=MODEL) as c:
+        assert (await c.complete(user("keyless"))).text == "Answer to: keyless"
 
 
 async def test_from_env(monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, fake: FakeOpenAI) -> None:

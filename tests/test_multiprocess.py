@@ -1,14 +1,18 @@
-"""Entries written by one OS process are served to another through Redis."""
+"""Across real OS processes sharing one Redis: entries, and one upstream call per stampede."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from aiollmcache import LLMCache
 from aiollmcache.testing import FakeOpenAI, RedisServer
@@ -20,22 +24,54 @@ pytestmark = pytest.mark.asyncio
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class Worker:
+    """One ``tests.worker`` process."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(
+        cls,
+        redis_server: RedisServer,
+        fake: FakeOpenAI,
+        namespace: str,
+        prompt: str,
+        *options: str,
+    ) -> Worker:
+        argv = ["-m", "tests.worker", redis_server.url, fake.base_url, namespace, prompt, *options]
+        pipe = asyncio.subprocess.PIPE
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, cwd=ROOT, stdin=pipe, stdout=pipe, stderr=pipe
+        )
+        worker = cls(proc)
+        if "--wait-go" in options:
+            assert proc.stdout is not None
+            line = await proc.stdout.readline()
+            assert line == b"ready\n", line + (await proc.stderr.read() if proc.stderr else b"")
+        return worker
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+
+    async def result(self) -> Any:
+        out, err = await self.proc.communicate()
+        assert self.proc.returncode == 0, err.decode()
+        return orjson.loads(out)
+
+
 async def run_worker(redis_server: RedisServer, fake: FakeOpenAI, namespace: str, prompt: str) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.worker",
-        redis_server.url,
-        fake.base_url,
-        namespace,
-        prompt,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    return orjson.loads(out)
+    worker = await Worker.start(redis_server, fake, namespace, prompt)
+    (result,) = (await worker.result())["results"]
+    return result
+
+
+async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
+    """Wait for a condition in another process that sends no event we could await."""
+    async with asyncio.timeout(seconds):
+        while not await condition():  # noqa: ASYNC110 - polls state held by another process
+            await asyncio.sleep(0.01)
 
 
 async def test_another_process_hits_what_this_one_stored(
@@ -43,7 +79,13 @@ async def test_another_process_hits_what_this_one_stored(
 ) -> None:
     mine = await cache.complete(user("across processes"))
     theirs = await run_worker(redis_server, fake, namespace, "across processes")
-    assert theirs == {"source": "redis", "text": mine.text, "key": mine.key, "id": mine.response.id}
+    assert theirs == {
+        "source": "redis",
+        "coalesced": False,
+        "text": mine.text,
+        "key": mine.key,
+        "id": mine.response.id,
+    }
     assert fake.calls("across processes") == 1
 
 
@@ -53,5 +95,96 @@ async def test_this_process_hits_what_another_stored(
     theirs = await run_worker(redis_server, fake, namespace, "from a worker")
     assert theirs["source"] == "upstream"
     mine = await cache.complete(user("from a worker"))
-    assert mine.source == "redis" and mine.response.id == theirs["id"]
+    assert mine.source == "redis"
+    assert mine.response.id == theirs["id"]
     assert fake.calls("from a worker") == 1
+
+
+async def test_four_processes_stampede_one_cold_key(
+    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    fake.latency = 0.5
+    workers = [
+        await Worker.start(redis_server, fake, namespace, "cold key", "--callers", "250", "--wait-go")
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.go()
+    reports = [await w.result() for w in workers]
+    results = [r for report in reports for r in report["results"]]
+    assert len(results) == 1000
+    assert not [r for r in results if "error" in r]
+    assert fake.calls("cold key") == 1
+    assert len({r["id"] for r in results}) == 1
+    holders = [rep for rep in reports if rep["stats"]["upstream_calls"] == 1]
+    assert len(holders) == 1
+    # every other process waited on the holder's call and was woken by it
+    waiters = [rep for rep in reports if rep is not holders[0]]
+    for report in waiters:
+        sources = Counter((r["source"], r["coalesced"]) for r in report["results"])
+        assert sum(sources.values()) == 250
+        assert all(source == "redis" and coalesced for source, coalesced in sources)
+
+
+async def test_killed_holder_is_replaced_by_exactly_one_waiter(
+    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    fake.latency = 2.0
+    prompt = "holder dies"
+    holder = await Worker.start(redis_server, fake, namespace, prompt, "--callers", "10", "--lease-ttl", "1")
+    await asyncio.to_thread(fake.wait_for_calls, 1, prompt=prompt, timeout=10)
+    waiters = [
+        await Worker.start(
+            redis_server, fake, namespace, prompt, "--callers", "50", "--lease-ttl", "1", "--wait-go"
+        )
+        for _ in range(2)
+    ]
+    for worker in waiters:
+        worker.go()
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        channel = f"alc:{namespace}:0:n:{{{(await run_key(prompt))}}}"
+
+        async def both_waiting() -> bool:
+            ((_, count),) = await r.pubsub_numsub(channel)
+            return bool(count == 2)
+
+        await until(both_waiting)
+        holder.proc.send_signal(signal.SIGKILL)
+        await holder.proc.wait()
+        reports = [await w.result() for w in waiters]
+    finally:
+        await r.aclose()
+    results = [res for report in reports for res in report["results"]]
+    assert not [res for res in results if "error" in res]
+    assert len({res["id"] for res in results}) == 1
+    assert fake.calls(prompt) == 2  # the killed call, and one takeover
+    assert sorted(rep["stats"]["lease_takeovers"] for rep in reports) == [0, 1]
+
+
+async def run_key(prompt: str) -> str:
+    from aiollmcache.request import build_chat_request
+
+    return build_chat_request(user(prompt), {}, default_model="test-model").key
+
+
+async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
+    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    fake.latency = 0.3
+    fake.fail(500, prompt="fails everywhere")
+    workers = [
+        await Worker.start(redis_server, fake, namespace, "fails everywhere", "--callers", "50", "--wait-go")
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.go()
+    reports = [await w.result() for w in workers]
+    errors = Counter(r.get("error") for report in reports for r in report["results"])
+    assert fake.calls("fails everywhere") == 1
+    assert errors == {"InternalServerError": 50, "RemoteUpstreamError": 100}
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await r.keys(f"alc:{namespace}:*") == []  # no entry, no lease left behind
+    finally:
+        await r.aclose()

@@ -92,6 +92,24 @@ def test_sdk_message_objects_are_accepted() -> None:
     assert key([*BASE, reply]) == key(as_dict)
 
 
+def test_message_from_a_parsed_response_keys_like_its_dict() -> None:
+    # A response's message carries refusal=None (and more) when the server sent them.
+    reply = ChatCompletionMessage.model_validate(
+        {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": None}
+    )
+    assert key([*BASE, reply]) == key([*BASE, {"role": "assistant", "content": "Hi"}])
+    assert key([*BASE, {"role": "assistant", "content": "Hi", "name": None}]) == key(
+        [*BASE, {"role": "assistant", "content": "Hi"}]
+    )
+
+
+def test_large_numbers_keep_their_exact_value() -> None:
+    assert key(seed=2**63) != key(seed=2**63 + 1)
+    # beyond 2**53 a float is not turned into an int (it may not be one exactly)
+    assert key(max_tokens=1e20) != key(max_tokens=1e19)
+    assert key(max_tokens=2.0**53) == key(max_tokens=2**53)
+
+
 def test_assistant_with_tool_calls_may_have_no_content() -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     msgs = [*BASE, {"role": "assistant", "content": None, "tool_calls": [call]}]
@@ -118,7 +136,9 @@ def test_assistant_with_tool_calls_may_have_no_content() -> None:
         (BASE, {"tools": [{"f": {1, 2}}]}, "tools[0].f"),
         (BASE, {"logit_bias": {1: 2}}, "logit_bias"),
         (BASE, {"model": ""}, "model"),
-        (BASE, {"model": 3}, "model"),
+        (BASE, {"model": 3}, "model: expected a non-empty string"),
+        (BASE, {"seed": 2**64}, "seed: .* out of the 64-bit integer range"),
+        (BASE, {"logit_bias": {"1": -(2**63) - 1}}, "logit_bias.1"),
     ],
 )
 def test_bad_input_is_rejected_naming_the_problem(

@@ -26,6 +26,15 @@ async def test_wrapped_create_is_cached(cache: LLMCache, fake: FakeOpenAI) -> No
         await client.close()
 
 
+async def test_wrapped_create_uses_the_caches_default_model(cache: LLMCache, fake: FakeOpenAI) -> None:
+    client = fake.client()
+    try:
+        result = await cache.wrap(client).chat.completions.create(messages=user("default model"))
+        assert result.model == MODEL
+    finally:
+        await client.close()
+
+
 async def test_wrapped_create_takes_cache_control(cache: LLMCache, fake: FakeOpenAI) -> None:
     client = fake.client()
     try:

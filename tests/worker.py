@@ -1,12 +1,20 @@
-"""Run one complete() in a separate OS process and print the result as JSON.
+"""A worker process for cross-process tests: C concurrent complete() calls.
 
-Usage: python -m tests.worker REDIS_URL BASE_URL NAMESPACE PROMPT
+    python -m tests.worker REDIS_URL BASE_URL NAMESPACE PROMPT [--callers N]
+        [--lease-ttl S] [--client-timeout S] [--wait-go]
+
+With --wait-go it prints "ready" once the cache is open and waits for a line
+on stdin before firing, so several workers can start together. It prints one
+JSON object: the results (source, coalesced, text, response id, or the
+error's type and message) and the cache's stats.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+from typing import Any
 
 import orjson
 from openai import AsyncOpenAI
@@ -14,26 +22,51 @@ from openai import AsyncOpenAI
 from aiollmcache import LLMCache
 
 
-async def main(redis_url: str, base_url: str, namespace: str, prompt: str) -> None:
-    client = AsyncOpenAI(base_url=base_url, api_key="test-key", max_retries=0)
+async def call(cache: LLMCache, prompt: str) -> dict[str, Any]:
+    try:
+        result = await cache.complete([{"role": "user", "content": prompt}])
+    except Exception as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    return {
+        "source": str(result.source),
+        "coalesced": result.coalesced,
+        "text": result.text,
+        "key": result.key,
+        "id": result.response.id,
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    client = AsyncOpenAI(
+        base_url=args.base_url, api_key="test-key", max_retries=0, timeout=args.client_timeout
+    )
     try:
         async with LLMCache(
-            redis_url=redis_url, openai=client, model="test-model", namespace=namespace
+            redis_url=args.redis_url,
+            openai=client,
+            model="test-model",
+            namespace=args.namespace,
+            lease_ttl=args.lease_ttl,
         ) as cache:
-            result = await cache.complete([{"role": "user", "content": prompt}])
-            sys.stdout.buffer.write(
-                orjson.dumps(
-                    {
-                        "source": result.source,
-                        "text": result.text,
-                        "key": result.key,
-                        "id": result.response.id,
-                    }
-                )
-            )
+            if args.wait_go:
+                print("ready", flush=True)
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            results = await asyncio.gather(*(call(cache, args.prompt) for _ in range(args.callers)))
+            stats = cache.stats()
+        sys.stdout.buffer.write(orjson.dumps({"results": results, "stats": stats}) + b"\n")
+        sys.stdout.flush()
     finally:
         await client.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:5]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("redis_url")
+    parser.add_argument("base_url")
+    parser.add_argument("namespace")
+    parser.add_argument("prompt")
+    parser.add_argument("--callers", type=int, default=1)
+    parser.add_argument("--lease-ttl", type=float, default=10.0)
+    parser.add_argument("--client-timeout", type=float, default=30.0)
+    parser.add_argument("--wait-go", action="store_true")
+    asyncio.run(main(parser.parse_args()))

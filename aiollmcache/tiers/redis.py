@@ -5,6 +5,8 @@ entry and everything else about it share one Redis Cluster slot)::
 
     alc:<ns>:version              namespace version (INCR retires every entry)
     alc:<ns>:<ver>:e:{<hash>}     entry (see :mod:`aiollmcache.entry`)
+    alc:<ns>:<ver>:l:{<hash>}     lease: token of the process computing the entry
+    alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done", "retry" or "fail:<json>"
 
 Every Redis exception is translated here into :class:`TierUnavailableError`
 or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
@@ -48,6 +50,49 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
+"""
+
+
+# Read the entry; if absent, try to take the lease; if taken, say for how long.
+# Returns {1, entry} | {2, ""} (lease acquired) | {0, lease PTTL in ms}.
+_ACQUIRE = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  return {1, value}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, ''}
+end
+return {0, redis.call('PTTL', KEYS[2])}
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Write the entry only while holding the lease, then release it and wake the
+# waiters, all in one step: a holder that lost its lease writes nothing.
+_COMMIT = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[4], 'done')
+return 1
+"""
+
+# Give the lease back without an entry, telling the waiters why.
+_ABANDON = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
 """
 
 
@@ -121,16 +166,29 @@ class RedisTier:
         self._clock = clock
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._commit = client.register_script(_COMMIT)
+        self._abandon = client.register_script(_ABANDON)
         self.version: int | None = None
 
     @property
     def client(self) -> aioredis.Redis:
         return self._client
 
-    def entry_key(self, key: str) -> str:
+    def _key(self, kind: str, key: str) -> str:
         if self.version is None:
             raise TierUnavailableError("redis: namespace version not loaded")
-        return f"{KEY_PREFIX}:{self._namespace}:{self.version}:e:{{{key}}}"
+        return f"{KEY_PREFIX}:{self._namespace}:{self.version}:{kind}:{{{key}}}"
+
+    def entry_key(self, key: str) -> str:
+        return self._key("e", key)
+
+    def lease_key(self, key: str) -> str:
+        return self._key("l", key)
+
+    def channel(self, key: str) -> str:
+        return self._key("n", key)
 
     async def load_version(self) -> int:
         raw = await self._call("GET version", self._client.get(self._version_key))
@@ -146,13 +204,56 @@ class RedisTier:
         blob = await self._call("GET", self._client.get(rkey))
         if blob is None:
             return MISSING
-        if not isinstance(blob, bytes):  # a client built with decode_responses=True
-            raise TierUnavailableError("redis: the client must not decode responses")
+        if not isinstance(blob, bytes):  # only a client that decodes responses returns str
+            raise CorruptEntryError("redis returned text, not bytes")
+        return await self._decode(key, rkey, blob)
+
+    async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
             return decode_entry(blob, key, max_bytes=self._max_entry_bytes)
         except CorruptEntryError:
             await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
+
+    # -- the lease (see aiollmcache.flight) ------------------------------------
+
+    async def acquire(self, key: str, token: str, lease_ms: int) -> Entry | bool | int:
+        """One round trip: the entry if there is one (may raise CorruptEntryError),
+        else True if the lease was taken with ``token``, else the lease's
+        remaining time in milliseconds."""
+        rkey = self.entry_key(key)
+        status, value = await self._call(
+            "ACQUIRE", self._acquire(keys=[rkey, self.lease_key(key)], args=[token, lease_ms])
+        )
+        if status == 1:
+            return await self._decode(key, rkey, value)
+        if status == 2:
+            return True
+        return max(0, int(value))
+
+    async def renew(self, key: str, token: str, lease_ms: int) -> bool:
+        """Extend the lease if ``token`` still holds it."""
+        return bool(
+            await self._call("RENEW", self._renew(keys=[self.lease_key(key)], args=[token, lease_ms]))
+        )
+
+    async def commit(self, entry: Entry, blob: bytes, token: str) -> bool:
+        """Store ``blob``, release the lease and notify waiters, only if ``token``
+        holds the lease. Returns whether it did."""
+        ttl_ms = math.ceil((entry.expires_at - self._clock()) * 1000)
+        if ttl_ms <= 0 or len(blob) > self._max_entry_bytes:
+            return False
+        keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
+        args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key)]
+        return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+
+    async def abandon(self, key: str, token: str, message: bytes) -> bool:
+        """Release the lease without an entry and publish ``message`` to waiters."""
+        args: list[str | bytes] = [token, self.channel(key), message]
+        return bool(await self._call("ABANDON", self._abandon(keys=[self.lease_key(key)], args=args)))
+
+    def pubsub(self) -> aioredis.client.PubSub:
+        return self._client.pubsub()
 
     async def _call(self, op: str, command: Awaitable[T]) -> T:
         """Await one command within the time budget, translating Redis errors.
