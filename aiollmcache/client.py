@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -37,7 +38,7 @@ from .stats import Stats
 from .tiers.memory import MemoryTier
 from .tiers.pubsub import Subscriber
 from .tiers.redis import RedisTier, connect, validate_namespace
-from .upstream import OpenAIUpstream, Upstream, parse_response
+from .upstream import OpenAIUpstream, Upstream, parse_response, upstream_scope
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -55,17 +56,23 @@ _MEMORY_ENTRY_OVERHEAD: Final = 512
 _VERSION_RETRY_INTERVAL: Final = 1.0
 
 
-def _seconds(value: Seconds | None, name: str, *, positive: bool = False) -> float | None:
+def _seconds(
+    value: Seconds | None,
+    name: str,
+    *,
+    positive: bool = False,
+    error: type[ValueError] = ConfigurationError,
+) -> float | None:
     if value is None:
         return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigurationError(f"{name}: expected seconds (float or timedelta), got {value!r}")
+        raise error(f"{name}: expected seconds (float or timedelta), got {value!r}")
     seconds = float(value)
-    if seconds != seconds or seconds < 0 or (positive and seconds == 0):
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         bound = "> 0" if positive else ">= 0"
-        raise ConfigurationError(f"{name}: must be {bound} seconds, got {value!r}")
+        raise error(f"{name}: must be finite and {bound} seconds, got {value!r}")
     return seconds
 
 
@@ -86,7 +93,7 @@ class Source(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CacheControl:
-    """Per-request cache settings.
+    """Per-request cache settings. Invalid values raise :class:`InvalidRequestError`.
 
     - ``ttl``: fresh window for an answer written by this request (default: the cache's).
     - ``max_age``: serve a cached answer only if it is at most this old (seconds).
@@ -102,12 +109,13 @@ class CacheControl:
     no_store: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True))
-        object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age"))
-        if isinstance(self.tags, str) or not all(
+        bad = InvalidRequestError
+        object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
+        object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
+        if not isinstance(self.tags, (list, tuple, frozenset, set)) or not all(
             isinstance(t, str) and t and "{" not in t and "}" not in t for t in self.tags
         ):
-            raise ConfigurationError(
+            raise InvalidRequestError(
                 f"CacheControl.tags: expected a list of non-empty strings without braces, got {self.tags!r}"
             )
         object.__setattr__(self, "tags", tuple(self.tags))
@@ -260,6 +268,7 @@ class LLMCache:
         self._coordinator: Coordinator | None = None
         self._redis_timeout = timeout
         self._upstream: Upstream | None = OpenAIUpstream(openai) if openai is not None else upstream
+        self._upstream_scope = upstream_scope(self._upstream)
         self._owned_openai: AsyncOpenAI | None = None
         self._flights: Flights[_Outcome] = Flights()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -267,6 +276,7 @@ class LLMCache:
         self._log = RateLimitedLogger()
         self._state = _NEW
         self._open_lock: asyncio.Lock | None = None
+        self._closed_event: asyncio.Event | None = None
 
     # -- construction from the environment ---------------------------------
 
@@ -329,18 +339,29 @@ class LLMCache:
             if self._redis is not None:
                 self._subscriber = Subscriber(self._redis.client, timeout=self._redis_timeout)
                 self._coordinator = Coordinator(
-                    self._redis, self._subscriber, self._lease_settings, self._spawn
+                    self._redis, self._subscriber, self._lease_settings, self._spawn_cleanup
                 )
                 await self._load_version()
-            self._state = _OPEN
+            if self._state == _NEW:  # not closed meanwhile
+                self._state = _OPEN
 
     async def aclose(self) -> None:
         """Close the cache: wait up to ``close_timeout`` for upstream calls in
         progress (their callers still get answers), cancel what remains, close
-        the connections this cache opened. Idempotent."""
+        the connections this cache opened. Idempotent: a second call returns
+        when the first has finished."""
         if self._state == _CLOSED:
+            if self._closed_event is not None:
+                await self._closed_event.wait()
             return
         self._state = _CLOSED
+        self._closed_event = asyncio.Event()
+        try:
+            await self._shut_down()
+        finally:
+            self._closed_event.set()
+
+    async def _shut_down(self) -> None:
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
             for task in pending:
@@ -390,7 +411,9 @@ class LLMCache:
             raise InvalidRequestError("stream: complete() returns whole answers; pass stream=False")
         if cache is not None and not isinstance(cache, CacheControl):
             raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
-        request = build_chat_request(messages, params, default_model=self._model)
+        request = build_chat_request(
+            messages, params, default_model=self._model, upstream_scope=self._upstream_scope
+        )
         return await self._complete(request, cache, self._upstream)
 
     def stats(self) -> dict[str, Any]:
@@ -534,7 +557,12 @@ class LLMCache:
             return await self._call_upstream(request, control, upstream)
 
         try:
-            entry, remote = await coordinator.run(request.key, compute, self._encode_for_redis)
+            entry, remote = await coordinator.run(
+                request.key,
+                compute,
+                self._encode_for_redis,
+                lambda found: self._acceptable(found, time.time(), control),
+            )
         except TierUnavailableError as exc:
             # Raised only before this process called upstream: go on without Redis.
             self._stats.redis_errors += 1
@@ -583,7 +611,7 @@ class LLMCache:
 
     def _encode_for_redis(self, entry: Entry) -> bytes | None:
         assert self._redis is not None
-        if len(entry.raw) > self._max_entry_bytes:
+        if not self._redis.storable(entry):
             self._stats.store_skipped += 1
             return None
         return self._redis.encode(entry)
@@ -642,7 +670,16 @@ class LLMCache:
             coalesced=coalesced,
         )
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Start new work owned by the cache; refused once the cache is closing."""
+        if self._state == _CLOSED:
+            coro.close()
+            raise CacheClosedError("this LLMCache is closed")
+        return self._spawn_cleanup(coro)
+
+    def _spawn_cleanup(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Start a task owned by the cache, even while closing (lease renewals
+        and releases); ``aclose()`` waits for these too."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -189,22 +189,26 @@ class Coordinator:
         key: str,
         compute: Callable[[], Awaitable[Entry]],
         encode: Callable[[Entry], bytes | None],
+        accept: Callable[[Entry], bool],
     ) -> tuple[Entry, bool]:
         """Return the entry for ``key`` and whether another process computed it.
 
         ``compute`` calls the model; ``encode`` gives the bytes to store (None:
-        do not store). Redis errors propagate as :class:`TierError`; the
-        caller decides how to go on without Redis.
+        do not store); ``accept`` says whether an entry found in Redis may be
+        served (fresh enough) or must be replaced. Redis errors propagate as
+        :class:`TierError` raised before ``compute`` was called; the caller
+        decides how to go on without Redis.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.max_wait
         subscription: Subscription | None = None
         waited = False
+        skip_entry = False  # the entry in Redis was seen and rejected
         try:
             while True:
                 token = secrets.token_hex(16)
                 try:
-                    state = await self._tier.acquire(key, token, self._lease_ms)
+                    state = await self._tier.acquire(key, token, self._lease_ms, skip_entry=skip_entry)
                 except CorruptEntryError as exc:
                     self.stats.corrupt += 1
                     logger.warning("dropped a corrupt entry in Redis: %s", exc)
@@ -214,6 +218,9 @@ class Coordinator:
                         self.stats.takeovers += 1
                     return await self._hold(key, token, compute, encode), False
                 if isinstance(state, Entry):
+                    if not accept(state):
+                        skip_entry = True
+                        continue
                     if waited:
                         self.stats.waited += 1
                     return state, waited
@@ -236,7 +243,8 @@ class Coordinator:
                 elif isinstance(message, bytes) and message.startswith(b"fail:"):
                     self.stats.remote_failures += 1
                     raise _remote_error(message)
-                # "done", "retry", a timeout or a resync: check again.
+                # "done", "retry", a timeout or a resync: look at the entry again.
+                skip_entry = False
         finally:
             if subscription is not None:
                 await subscription.close()
@@ -267,28 +275,26 @@ class Coordinator:
         try:
             entry = await compute()
         except BaseException as exc:
-            renewer.cancel()
             message = failure_message(exc) if isinstance(exc, Exception) else b"retry"
-            # Bounded and shielded: a cancelled holder still frees the key at once.
+            # Shielded: a cancelled holder still frees the key at once.
             await self._release_quietly(self._tier.abandon(key, token, message))
             raise
-        renewer.cancel()
-        blob = encode(entry)
-        if blob is None:
-            await self._release_quietly(self._tier.abandon(key, token, b"retry"))
-        else:
-            try:
-                committed = await self._tier.commit(entry, blob, token)
-            except TierError as exc:
-                # The answer is good; only sharing it failed. Waiters re-check
-                # when the lease expires and one of them takes over.
-                logger.warning("could not store an answer in Redis: %s", exc)
-                return entry
-            if committed:
+        finally:
+            renewer.cancel()
+        try:
+            blob = encode(entry)
+            if blob is None:
+                # Nothing to share: let a waiter (if any) compute its own.
+                await self._release_quietly(self._tier.abandon(key, token, b"retry"))
+            elif await self._tier.commit(entry, blob, token):
                 self.stats.committed += 1
             else:
                 self.stats.lost += 1
                 logger.warning("lost the lease for %s before writing: answer not stored", key)
+        except TierError as exc:
+            # The answer is good; only sharing it failed. Waiters re-check
+            # when the lease expires and one of them takes over.
+            logger.warning("could not store an answer in Redis: %s", exc)
         return entry
 
     async def _release_quietly(self, release: Coroutine[Any, Any, bool]) -> None:

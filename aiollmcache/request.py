@@ -1,7 +1,8 @@
 """Validating a chat request and deriving its cache key.
 
-The key is the blake2b-128 digest of the canonical request: the model, the
-whole message array and every parameter that can change the answer, encoded
+The key is the blake2b-128 digest of the canonical request: the upstream's
+base URL (when it has one), the model, the whole message array and every
+parameter that can change the answer, encoded
 by orjson with sorted keys after normalising numbers (``1.0`` and ``1`` are the
 same temperature). Parameters that only affect transport, billing or
 bookkeeping (:data:`EXCLUDED_PARAMS`) stay out of the key but are still sent
@@ -106,9 +107,9 @@ def _canon(value: Any, path: str) -> Any:
 def _canon_message(message: Any, index: int) -> dict[str, Any]:
     # The common case, a plain dict of strings ({"role": ..., "content": ...}),
     # is already canonical: validate it and use it as it is.
-    if type(message) is dict and message.get("role") in VALID_ROLES:
-        for value in message.values():
-            if type(value) is not str:
+    if type(message) is dict and type(role := message.get("role")) is str and role in VALID_ROLES:
+        for name, value in message.items():
+            if type(value) is not str or type(name) is not str:
                 break
         else:
             if "content" in message:
@@ -123,7 +124,7 @@ def _canon_slow_message(message: Any, index: int) -> dict[str, Any]:
     if not isinstance(message, Mapping):
         raise InvalidRequestError(f"{path}: expected a dict, got {type(message).__name__}")
     role = message.get("role")
-    if role not in VALID_ROLES:
+    if not isinstance(role, str) or role not in VALID_ROLES:
         raise InvalidRequestError(f"{path}.role: {role!r} is not one of {', '.join(sorted(VALID_ROLES))}")
     content = message.get("content")
     if content is None:
@@ -152,12 +153,25 @@ def _is_omitted(value: object) -> bool:
 
 
 def build_chat_request(
-    messages: object, params: Mapping[str, Any], *, default_model: str | None
+    messages: object,
+    params: Mapping[str, Any],
+    *,
+    default_model: str | None,
+    upstream_scope: str | None = None,
 ) -> ChatRequest:
     """Validate ``messages`` and ``params`` and compute the cache key.
 
     Raises :class:`InvalidRequestError` naming the first problem found. No I/O.
     """
+    try:
+        return _build(messages, params, default_model, upstream_scope)
+    except RecursionError:
+        raise InvalidRequestError("request is nested too deeply") from None
+
+
+def _build(
+    messages: object, params: Mapping[str, Any], default_model: str | None, upstream_scope: str | None
+) -> ChatRequest:
     if type(messages) is not list and (
         isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence)
     ):
@@ -178,6 +192,9 @@ def build_chat_request(
 
     send: dict[str, Any] = {"model": model, "messages": canon_messages}
     keyed: dict[str, Any] = {"model": model, "messages": canon_messages}
+    if upstream_scope:
+        # Two providers may serve different models under one name.
+        keyed["@upstream"] = upstream_scope
     for name, value in params.items():
         if name in ("model", "messages") or _is_omitted(value):
             continue
@@ -188,5 +205,9 @@ def build_chat_request(
         send[name] = value
         if canon is not None:
             keyed[name] = canon
-    digest = blake2b(orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS), digest_size=_KEY_DIGEST_BYTES)
+    try:
+        canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:  # e.g. nested deeper than orjson allows
+        raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
+    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES)
     return ChatRequest(model=model, params=send, key=digest.hexdigest())

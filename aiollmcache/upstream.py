@@ -3,7 +3,9 @@
 An upstream is any async callable taking the request parameters (``model``,
 ``messages`` and the rest, exactly as ``chat.completions.create`` takes them)
 and returning the chat completion as JSON bytes or as a mapping. Its
-exceptions reach callers unchanged and are never cached.
+exceptions reach callers unchanged and are never cached. An upstream may
+have a ``scope`` attribute (a string naming the provider, e.g. its base URL):
+it becomes part of every cache key, so two providers never share answers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .errors import InvalidResponseError
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
-__all__ = ["OpenAIUpstream", "Upstream", "parse_response"]
+__all__ = ["OpenAIUpstream", "Upstream", "parse_response", "upstream_scope"]
 
 Upstream = Callable[[dict[str, Any]], Awaitable["bytes | Mapping[str, Any]"]]
 
@@ -33,15 +35,22 @@ class OpenAIUpstream:
     retry settings apply unchanged.
     """
 
-    __slots__ = ("client",)
+    __slots__ = ("client", "scope")
 
     def __init__(self, client: AsyncOpenAI) -> None:
         self.client = client
+        # Part of the cache key: the same model name at two providers is two models.
+        self.scope = str(client.base_url).rstrip("/")
 
     async def __call__(self, params: dict[str, Any]) -> bytes:
         raw = await self.client.chat.completions.with_raw_response.create(**params)
         body: bytes = raw.content
         return body
+
+
+def upstream_scope(upstream: object) -> str | None:
+    scope = getattr(upstream, "scope", None)
+    return scope if isinstance(scope, str) and scope else None
 
 
 def parse_response(body: bytes | Mapping[str, Any]) -> tuple[bytes, ChatCompletion]:

@@ -35,7 +35,9 @@ class _Completions:
         if kwargs.get("stream"):
             return await self._client.chat.completions.create(**kwargs)
         messages = kwargs.pop("messages", None)
-        request = build_chat_request(messages, kwargs, default_model=self._cache.model)
+        request = build_chat_request(
+            messages, kwargs, default_model=self._cache.model, upstream_scope=self._upstream.scope
+        )
         result = await self._cache._complete(request, cache, self._upstream)
         response: ChatCompletion = result.response
         return response

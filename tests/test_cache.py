@@ -438,6 +438,7 @@ async def test_no_upstream_configured(fake: FakeOpenAI) -> None:
     [
         {"ttl": 0},
         {"ttl": -1},
+        {"ttl": float("inf")},
         {"stale_ttl": "1h"},
         {"memory_max_entries": -1},
         {"namespace": "a:b"},
@@ -458,8 +459,17 @@ async def test_cache_control_validation() -> None:
     from datetime import timedelta
 
     assert CacheControl(ttl=timedelta(minutes=1)).ttl == 60.0
-    for bad in ({"ttl": 0}, {"max_age": -1}, {"tags": "single"}, {"tags": [""]}, {"tags": ["{x}"]}):
-        with pytest.raises(ConfigurationError):
+    for bad in (
+        {"ttl": 0},
+        {"ttl": float("inf")},
+        {"max_age": -1},
+        {"max_age": "1h"},
+        {"tags": "single"},
+        {"tags": None},
+        {"tags": [""]},
+        {"tags": ["{x}"]},
+    ):
+        with pytest.raises(InvalidRequestError):
             CacheControl(**bad)  # type: ignore[arg-type]
 
 

@@ -15,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from aiollmcache import LLMCache
+from aiollmcache.request import build_chat_request
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
 from .conftest import user
@@ -143,7 +144,7 @@ async def test_killed_holder_is_replaced_by_exactly_one_waiter(
         worker.go()
     r = aioredis.Redis.from_url(redis_server.url)
     try:
-        channel = f"alc:{namespace}:0:n:{{{(await run_key(prompt))}}}"
+        channel = f"alc:{namespace}:0:n:{{{request_key(fake, prompt)}}}"
 
         async def both_waiting() -> bool:
             ((_, count),) = await r.pubsub_numsub(channel)
@@ -162,10 +163,9 @@ async def test_killed_holder_is_replaced_by_exactly_one_waiter(
     assert sorted(rep["stats"]["lease_takeovers"] for rep in reports) == [0, 1]
 
 
-async def run_key(prompt: str) -> str:
-    from aiollmcache.request import build_chat_request
-
-    return build_chat_request(user(prompt), {}, default_model="test-model").key
+def request_key(fake: FakeOpenAI, prompt: str) -> str:
+    scope = fake.base_url  # what the worker's client names its upstream
+    return build_chat_request(user(prompt), {}, default_model="test-model", upstream_scope=scope).key
 
 
 async def test_upstream_failure_reaches_every_process_without_a_retry_storm(

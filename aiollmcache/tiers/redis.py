@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..entry import MISSING, Entry, _Missing, decode_entry, encode_entry
@@ -53,12 +53,15 @@ return 0
 """
 
 
-# Read the entry; if absent, try to take the lease; if taken, say for how long.
+# Read the entry (unless ARGV[3] is "1": the caller rejected the one there);
+# if absent, try to take the lease; if taken, say for how long.
 # Returns {1, entry} | {2, ""} (lease acquired) | {0, lease PTTL in ms}.
 _ACQUIRE = """
-local value = redis.call('GET', KEYS[1])
-if value then
-  return {1, value}
+if ARGV[3] ~= '1' then
+  local value = redis.call('GET', KEYS[1])
+  if value then
+    return {1, value}
+  end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {2, ''}
@@ -119,6 +122,10 @@ def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis
         max_connections=max_connections,
         timeout=timeout,
         socket_connect_timeout=timeout,
+        # Not redis-py's default of 5 s: with a socket timeout every send goes
+        # through asyncio.wait_for, which costs a task per command and, on
+        # Python 3.11, can swallow a caller's cancellation.
+        socket_timeout=None,
         retry=Retry(NoBackoff(), retries=1),
     )
     return aioredis.Redis(connection_pool=pool)
@@ -130,7 +137,16 @@ def _translate(op: str, timeout: float, exc: BaseException) -> TierError:
     return TierUnavailableError(f"redis {op}: {exc}")
 
 
+# max_entry_bytes bounds the response JSON; the envelope adds a header.
+_HEADER_ALLOWANCE = 64 * 1024
 _ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
+
+
+def _is_wrongtype(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE")
+
+
 T = TypeVar("T")
 
 
@@ -201,7 +217,14 @@ class RedisTier:
 
     async def get(self, key: str) -> Entry | _Missing:
         rkey = self.entry_key(key)
-        blob = await self._call("GET", self._client.get(rkey))
+        try:
+            blob = await self._call("GET", self._client.get(rkey))
+        except TierUnavailableError as exc:
+            if not _is_wrongtype(exc):
+                raise
+            # Not a string: foreign data at our key.
+            await self._call("UNLINK", self._client.unlink(rkey))
+            raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
         if blob is None:
             return MISSING
         if not isinstance(blob, bytes):  # only a client that decodes responses returns str
@@ -210,20 +233,23 @@ class RedisTier:
 
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
-            return decode_entry(blob, key, max_bytes=self._max_entry_bytes)
+            return decode_entry(blob, key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE)
         except CorruptEntryError:
             await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
 
     # -- the lease (see aiollmcache.flight) ------------------------------------
 
-    async def acquire(self, key: str, token: str, lease_ms: int) -> Entry | bool | int:
-        """One round trip: the entry if there is one (may raise CorruptEntryError),
-        else True if the lease was taken with ``token``, else the lease's
-        remaining time in milliseconds."""
+    async def acquire(
+        self, key: str, token: str, lease_ms: int, *, skip_entry: bool = False
+    ) -> Entry | bool | int:
+        """One round trip: the entry if there is one (may raise CorruptEntryError;
+        not looked at with ``skip_entry``), else True if the lease was taken with
+        ``token``, else the lease's remaining time in milliseconds."""
         rkey = self.entry_key(key)
+        args: list[str | int] = [token, lease_ms, "1" if skip_entry else "0"]
         status, value = await self._call(
-            "ACQUIRE", self._acquire(keys=[rkey, self.lease_key(key)], args=[token, lease_ms])
+            "ACQUIRE", self._acquire(keys=[rkey, self.lease_key(key)], args=args)
         )
         if status == 1:
             return await self._decode(key, rkey, value)
@@ -237,12 +263,14 @@ class RedisTier:
             await self._call("RENEW", self._renew(keys=[self.lease_key(key)], args=[token, lease_ms]))
         )
 
+    def storable(self, entry: Entry) -> bool:
+        """Whether ``set``/``commit`` would store it (not expired, not too large)."""
+        return entry.expires_at > self._clock() and len(entry.raw) <= self._max_entry_bytes
+
     async def commit(self, entry: Entry, blob: bytes, token: str) -> bool:
         """Store ``blob``, release the lease and notify waiters, only if ``token``
-        holds the lease. Returns whether it did."""
-        ttl_ms = math.ceil((entry.expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0 or len(blob) > self._max_entry_bytes:
-            return False
+        holds the lease. Returns whether it did. Check :meth:`storable` first."""
+        ttl_ms = max(1, math.ceil((entry.expires_at - self._clock()) * 1000))
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key)]
         return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
@@ -277,7 +305,7 @@ class RedisTier:
         is larger than the size limit.
         """
         ttl_ms = math.ceil((entry.expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0 or len(blob) > self._max_entry_bytes:
+        if ttl_ms <= 0 or len(entry.raw) > self._max_entry_bytes:
             return False
         rkey = self.entry_key(entry.key)
         await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
