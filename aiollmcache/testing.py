@@ -318,6 +318,8 @@ class FakeOpenAI:
             self._requests.append(body)
             self._called.notify_all()
         failure = self._take_failure(prompt)
+        if self.latency > 0:  # failures take their time too
+            await asyncio.sleep(self.latency)
         if failure is not None:
             if failure.status is None:
                 assert self._stopping is not None
@@ -328,8 +330,6 @@ class FakeOpenAI:
                 failure.message,
                 "server_error" if failure.status >= 500 else "invalid_request_error",
             )
-        if self.latency > 0:
-            await asyncio.sleep(self.latency)
         content = self._reply(body)
         if len(content) < self.answer_chars:
             content = content.ljust(self.answer_chars)

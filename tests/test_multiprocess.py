@@ -6,7 +6,6 @@ import asyncio
 import signal
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from aiollmcache import LLMCache
 from aiollmcache.request import build_chat_request
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
-from .conftest import user
+from .conftest import until, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,13 +65,6 @@ async def run_worker(redis_server: RedisServer, fake: FakeOpenAI, namespace: str
     worker = await Worker.start(redis_server, fake, namespace, prompt)
     (result,) = (await worker.result())["results"]
     return result
-
-
-async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> None:
-    """Wait for a condition in another process that sends no event we could await."""
-    async with asyncio.timeout(seconds):
-        while not await condition():  # noqa: ASYNC110 - polls state held by another process
-            await asyncio.sleep(0.01)
 
 
 async def test_another_process_hits_what_this_one_stored(
