@@ -362,6 +362,9 @@ class LLMCache:
             self._closed_event.set()
 
     async def _shut_down(self) -> None:
+        if self._open_lock is not None:
+            async with self._open_lock:  # an open() in progress finishes first
+                pass
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
             for task in pending:

@@ -70,7 +70,9 @@ def last_user_text(request: Mapping[str, Any]) -> str:
                 return content
             if isinstance(content, list):
                 return " ".join(
-                    p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+                    str(p.get("text", ""))
+                    for p in content
+                    if isinstance(p, Mapping) and p.get("type") == "text"
                 )
     return ""
 
@@ -263,11 +265,15 @@ class FakeOpenAI:
         message: str = "injected failure",
     ) -> None:
         """Answer the next ``times`` matching chat requests with HTTP ``status``."""
+        if times < 1 or not 400 <= status <= 599:
+            raise ValueError("fail: times must be >= 1 and status an HTTP error status (400-599)")
         with self._lock:
             self._failures.append(_Failure(status, times, prompt, message))
 
     def hang(self, *, times: int = 1, prompt: str | None = None) -> None:
         """Never answer the next ``times`` matching chat requests (until the server stops)."""
+        if times < 1:
+            raise ValueError("hang: times must be >= 1")
         with self._lock:
             self._failures.append(_Failure(None, times, prompt, "hang"))
 
@@ -312,6 +318,14 @@ class FakeOpenAI:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not isinstance(body.get("model"), str):
             return self._error(400, "'messages' and 'model' are required")
+        if not all(isinstance(m, dict) for m in messages):
+            return self._error(400, "'messages' must be a list of objects")
+        n = body.get("n") or 1
+        if type(n) is not int or n < 1:
+            return self._error(400, "'n' must be a positive integer")
+        stream_options = body.get("stream_options") or {}
+        if not isinstance(stream_options, dict):
+            return self._error(400, "'stream_options' must be an object")
         prompt = last_user_text(body)
         with self._called:
             self._chat_calls[prompt] += 1
@@ -333,7 +347,6 @@ class FakeOpenAI:
         content = self._reply(body)
         if len(content) < self.answer_chars:
             content = content.ljust(self.answer_chars)
-        n = body.get("n") or 1
         completion_id = f"chatcmpl-fake-{next(self._ids)}"
         created = int(time.time())
         usage = {
@@ -344,7 +357,7 @@ class FakeOpenAI:
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            include_usage = bool(stream_options.get("include_usage"))
             return StreamingResponse(
                 self._sse(
                     completion_id, created, body["model"], content, n, usage if include_usage else None
@@ -488,42 +501,42 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server; return once it accepts connections (its own log
+        line says so), or raise RuntimeError after ``timeout`` seconds."""
         last_output = b""
         for _ in range(5):  # the free port may be taken between probe and bind
             port = _free_port()
-            proc = subprocess.Popen(
-                [
-                    self._executable,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--daemonize",
-                    "no",
-                    "--logfile",
-                    "",
-                    *self._args,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            assert proc.stdout is not None
-            output = []
-            for line in proc.stdout:
-                output.append(line)
-                if b"Ready to accept connections" in line:
-                    self._proc, self.port = proc, port
-                    # Keep reading so a full pipe never blocks the server.
-                    self._drain = threading.Thread(target=proc.stdout.read, daemon=True)
-                    self._drain.start()
-                    return self
+            argv = [self._executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+            argv += ["--appendonly", "no", "--daemonize", "no", "--logfile", "", *self._args]
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            ready = threading.Event()
+            output: list[bytes] = []
+
+            def read(
+                stream: Any = proc.stdout, ready: threading.Event = ready, output: list[bytes] = output
+            ) -> None:
+                # Reads to the end, so a full pipe never blocks the server.
+                for line in stream:
+                    if not ready.is_set():
+                        output.append(line)
+                        if b"Ready to accept connections" in line:
+                            ready.set()
+
+            drain = threading.Thread(target=read, name="redis-server-log", daemon=True)
+            drain.start()
+            started = ready.wait(timeout)
+            if started and proc.poll() is None:
+                self._proc, self.port, self._drain = proc, port, drain
+                return self
+            proc.kill()
             proc.wait()
+            drain.join(timeout=5)
+            if proc.stdout is not None:
+                proc.stdout.close()
             last_output = b"".join(output[-5:])
+            if not started and not output:
+                break  # silent: not a port clash (e.g. its log goes to a file)
         raise RuntimeError(f"redis-server did not start: {last_output.decode(errors='replace')}")
 
     def stop(self) -> None:

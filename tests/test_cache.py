@@ -223,6 +223,54 @@ async def test_corrupt_bytes_in_redis_are_a_miss(
         await r.aclose()
 
 
+async def test_a_foreign_type_at_the_key_is_a_corrupt_miss(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    first = await make_cache().complete(user("wrong type"))
+    rkey = f"alc:{namespace}:0:e:{{{first.key}}}"
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await r.delete(rkey)
+        await r.rpush(rkey, "not", "a", "string")
+        reader = make_cache()
+        assert (await reader.complete(user("wrong type"))).source == "upstream"
+        assert reader.stats()["corrupt_entries"] == 1
+        assert reader.stats()["redis_errors"] == 0
+        assert await r.type(rkey) == b"string"
+    finally:
+        await r.aclose()
+
+
+async def test_two_providers_never_share_answers(cache: LLMCache) -> None:
+    async with (
+        FakeOpenAI(reply=lambda req: "from provider A") as a,
+        FakeOpenAI(reply=lambda req: "from provider B") as b,
+    ):
+        client_a, client_b = a.client(), b.client()
+        try:
+            wrapped_a, wrapped_b = cache.wrap(client_a), cache.wrap(client_b)
+            got = await asyncio.gather(
+                wrapped_a.chat.completions.create(model=MODEL, messages=user("who are you")),
+                wrapped_b.chat.completions.create(model=MODEL, messages=user("who are you")),
+            )
+            assert [g.choices[0].message.content for g in got] == ["from provider A", "from provider B"]
+            assert a.calls() == b.calls() == 1
+        finally:
+            await client_a.close()
+            await client_b.close()
+
+
+async def test_close_during_open_wins(redis_server: RedisServer, openai_client: openai.AsyncOpenAI) -> None:
+    c = LLMCache(redis_url=redis_server.url, openai=openai_client, model=MODEL)
+    opening = asyncio.create_task(c.open())
+    await asyncio.sleep(0)  # open() is now waiting on Redis
+    await asyncio.gather(c.aclose(), c.aclose())
+    await opening
+    assert c.closed
+    with pytest.raises(CacheClosedError):
+        await c.complete(user("after close"))
+
+
 async def test_bad_input_fails_before_any_io(fake: FakeOpenAI) -> None:
     # A Redis URL nobody listens on: any I/O would be counted as a Redis error.
     dead = LLMCache(redis_url="redis://127.0.0.1:1/0", openai=fake.client(), model=MODEL)

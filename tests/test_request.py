@@ -131,6 +131,8 @@ def test_assistant_with_tool_calls_may_have_no_content() -> None:
         ([{"role": "user", "content": [{"text": "no type"}]}], {}, "messages[0].content[0]"),
         ([{"role": "assistant", "content": None}], {}, "messages[0].content"),
         ([{"role": "user", "content": "hi", "name": object()}], {}, "messages[0].name"),
+        ([{"role": ["user"], "content": "hi"}], {}, "messages[0].role"),
+        ([{"role": "user", "content": "hi", 1: "x"}], {}, "messages[0]: key 1"),
         (BASE, {"temperature": float("nan")}, "temperature"),
         (BASE, {"temperature": float("inf")}, "temperature"),
         (BASE, {"tools": [{"f": {1, 2}}]}, "tools[0].f"),
@@ -152,3 +154,18 @@ def test_bad_input_is_rejected_naming_the_problem(
 def test_missing_model_is_rejected() -> None:
     with pytest.raises(InvalidRequestError, match="model"):
         build_chat_request(BASE, {}, default_model=None)
+
+
+@pytest.mark.parametrize("depth", [300, 5000])
+def test_absurd_nesting_is_an_invalid_request(depth: int) -> None:
+    nested: Any = "x"
+    for _ in range(depth):
+        nested = [nested]
+    with pytest.raises(InvalidRequestError, match=r"nested|serialisable"):
+        build_chat_request(BASE, {"tools": nested}, default_model="m")
+
+
+def test_upstream_scope_is_part_of_the_key() -> None:
+    a = build_chat_request(BASE, {}, default_model="m", upstream_scope="https://a.example/v1").key
+    b = build_chat_request(BASE, {}, default_model="m", upstream_scope="https://b.example/v1").key
+    assert a != b != key()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 
 import numpy as np
 import openai
@@ -169,3 +170,40 @@ async def test_redis_server_starts_on_a_free_port_and_stops() -> None:
             await r.ping()
     finally:
         await r.aclose()
+
+
+async def test_malformed_requests_get_400_not_500(fake: FakeOpenAI) -> None:
+    import httpx2
+
+    async with httpx2.AsyncClient(base_url=fake.url) as http:
+        for body in (
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": "2"},
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "x"}],
+                "stream": True,
+                "stream_options": True,
+            },
+            {"model": "m", "messages": ["not an object"]},
+            {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        ):
+            response = await http.post("/v1/chat/completions", json=body)
+            assert response.status_code in (200, 400), (body, response.text)
+            if response.status_code == 200:
+                assert body["messages"][0]["content"][0]["text"] == 5  # type: ignore[index]
+
+
+async def test_failure_injection_arguments_are_checked(fake: FakeOpenAI) -> None:
+    with pytest.raises(ValueError, match="times"):
+        fake.fail(500, times=0)
+    with pytest.raises(ValueError, match="status"):
+        fake.fail(200)
+    with pytest.raises(ValueError, match="times"):
+        fake.hang(times=0)
+
+
+async def test_redis_server_that_never_gets_ready_is_killed(tmp_path: Path) -> None:
+    server = RedisServer(args=("--logfile", str(tmp_path / "redis.log")))
+    with pytest.raises(RuntimeError, match="did not start"):
+        server.start(timeout=1.0)
+    assert server._proc is None
