@@ -240,9 +240,14 @@ class Coordinator:
                 message = await self._wait(subscription, min(state / 1000 + _EXPIRY_MARGIN, remaining))
                 if message is RESYNC:
                     self.stats.resyncs += 1
-                elif isinstance(message, bytes) and message.startswith(b"fail:"):
-                    self.stats.remote_failures += 1
-                    raise _remote_error(message)
+                elif isinstance(message, bytes):
+                    if message.startswith(b"fail:"):
+                        self.stats.remote_failures += 1
+                        raise _remote_error(message)
+                    carried = self._tier.decode_notification(key, message)
+                    if carried is not None and accept(carried):
+                        self.stats.waited += 1
+                        return carried, True
                 # "done", "retry", a timeout or a resync: look at the entry again.
                 skip_entry = False
         finally:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,20 +128,21 @@ async def run_contender(
     fake.reset()
     argv = [sys.executable, __file__, "--worker", mode, "--redis-url", redis_url, "--base-url", fake.base_url]
     argv += ["--namespace", namespace, "--callers", str(args.callers), "--keys", str(args.keys)]
+    pipe = asyncio.subprocess.PIPE
     procs = [
-        subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=Path(__file__).parent)
+        await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, cwd=Path(__file__).parent)
         for _ in range(args.processes)
     ]
     for proc in procs:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == b"ready\n"
+        assert await proc.stdout.readline() == b"ready\n"
     before = await command_count(admin)
     start = time.time() + 0.3
     for proc in procs:
         assert proc.stdin is not None
         proc.stdin.write(f"{start}\n".encode())
-        proc.stdin.flush()
-    outputs = await asyncio.gather(*(asyncio.to_thread(proc.communicate) for proc in procs))
+        await proc.stdin.drain()
+    outputs = await asyncio.gather(*(proc.communicate() for proc in procs))
     after = await command_count(admin)
     results = [r for out, _ in outputs for r in orjson.loads(out)]
     errors = [r["error"] for r in results if r["error"]]

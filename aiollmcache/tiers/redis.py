@@ -6,7 +6,7 @@ entry and everything else about it share one Redis Cluster slot)::
     alc:<ns>:version              namespace version (INCR retires every entry)
     alc:<ns>:<ver>:e:{<hash>}     entry (see :mod:`aiollmcache.entry`)
     alc:<ns>:<ver>:l:{<hash>}     lease: token of the process computing the entry
-    alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done", "retry" or "fail:<json>"
+    alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done[:<entry>]", "retry" or "fail:<json>"
 
 Every Redis exception is translated here into :class:`TierUnavailableError`
 or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
@@ -77,14 +77,20 @@ return 0
 """
 
 # Write the entry only while holding the lease, then release it and wake the
-# waiters, all in one step: a holder that lost its lease writes nothing.
+# waiters, all in one step: a holder that lost its lease writes nothing. The
+# message carries the entry itself (ARGV[5] = "1") when it is small, so
+# waiters need no read.
 _COMMIT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[4], 'done')
+if ARGV[5] == '1' then
+  redis.call('PUBLISH', ARGV[4], 'done:' .. ARGV[2])
+else
+  redis.call('PUBLISH', ARGV[4], 'done')
+end
 return 1
 """
 
@@ -137,6 +143,8 @@ def _translate(op: str, timeout: float, exc: BaseException) -> TierError:
     return TierUnavailableError(f"redis {op}: {exc}")
 
 
+# Entries up to this size travel inside the "done" notification.
+_INLINE_NOTIFICATION_BYTES = 64 * 1024
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
 _HEADER_ALLOWANCE = 64 * 1024
 _ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
@@ -272,8 +280,19 @@ class RedisTier:
         holds the lease. Returns whether it did. Check :meth:`storable` first."""
         ttl_ms = max(1, math.ceil((entry.expires_at - self._clock()) * 1000))
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
-        args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key)]
+        inline = "1" if len(blob) <= _INLINE_NOTIFICATION_BYTES else "0"
+        args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
         return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+
+    def decode_notification(self, key: str, message: bytes) -> Entry | None:
+        """The entry carried by a "done:" message, or None (none carried, or
+        invalid: the caller then reads Redis)."""
+        if not message.startswith(b"done:"):
+            return None
+        try:
+            return decode_entry(message[5:], key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE)
+        except CorruptEntryError:
+            return None
 
     async def abandon(self, key: str, token: str, message: bytes) -> bool:
         """Release the lease without an entry and publish ``message`` to waiters."""
