@@ -462,7 +462,7 @@ class LLMCache:
 
             flight = self._flights.get(key)
             if flight is not None:
-                outcome = await asyncio.shield(flight)
+                outcome = await flight.wait()
                 if outcome is RETRY:
                     if self._state == _CLOSED:
                         raise CacheClosedError("this LLMCache was closed while the request was in flight")
@@ -489,19 +489,19 @@ class LLMCache:
         self, request: ChatRequest, control: CacheControl, upstream: Upstream, now: float
     ) -> CacheResult:
         key = request.key
-        fut = self._flights.lead(key)
+        flight = self._flights.lead(key)
         try:
             found = await self._redis_get(key, control, now)
             if found is not MISSING:
-                self._flights.settle(key, fut, (found, Source.REDIS, False))
+                self._flights.settle(key, flight, (found, Source.REDIS, False))
                 return self._result(found, Source.REDIS, now, saved=True)
             task = self._spawn(self._fill(request, control, upstream))
-            self._flights.follow_task(key, fut, task)
+            self._flights.follow_task(key, flight, task)
         except BaseException:
             # Cancelled (or failed) before the flight had a task: followers retry.
-            self._flights.settle(key, fut, RETRY)
+            self._flights.settle(key, flight, RETRY)
             raise
-        outcome = await asyncio.shield(fut)
+        outcome = await flight.wait()
         if outcome is RETRY:
             # The shared task was cancelled (the cache is closing).
             raise CacheClosedError("this LLMCache was closed while the request was in flight")

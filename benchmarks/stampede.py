@@ -144,13 +144,22 @@ async def run_contender(
         await proc.stdin.drain()
     outputs = await asyncio.gather(*(proc.communicate() for proc in procs))
     after = await command_count(admin)
-    results = [r for out, _ in outputs for r in orjson.loads(out)]
+    per_process = [orjson.loads(out) for out, _ in outputs]
+    results = [r for rows in per_process for r in rows]
     errors = [r["error"] for r in results if r["error"]]
     latencies = sorted(r["done"] - start for r in results)
     first_done: dict[str, float] = {}
     for r in results:
         first_done[r["key"]] = min(first_done.get(r["key"], r["done"]), r["done"])
     extra = sorted(r["done"] - first_done[r["key"]] for r in results)[len(first_done) :]
+    # When each process's callers finished, after the first caller of their key.
+    process_extra_ms = [
+        [
+            round((min(r["done"] for r in rows) - min(first_done.values())) * 1000, 1),
+            round((max(r["done"] for r in rows) - min(first_done.values())) * 1000, 1),
+        ]
+        for rows in per_process
+    ]
     callers = len(results)
     return {
         "callers": callers,
@@ -167,6 +176,7 @@ async def run_contender(
             "p99": percentile(extra, 99) * 1000,
         },
         "redis_commands_per_caller": (after - before) / callers,
+        "process_first_last_ms": process_extra_ms,
         "latencies": latencies,
     }
 
