@@ -410,7 +410,7 @@ class LLMCache:
         before any I/O when the request is malformed; the model API's own
         exceptions reach the caller unchanged.
         """
-        if params.get("stream"):
+        if params and params.get("stream"):
             raise InvalidRequestError("stream: complete() returns whole answers; pass stream=False")
         if cache is not None and not isinstance(cache, CacheControl):
             raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
@@ -642,7 +642,7 @@ class LLMCache:
     # -- helpers --------------------------------------------------------------
 
     def _remember(self, entry: Entry, now: float) -> None:
-        if len(entry.raw) > self._max_entry_bytes:
+        if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes:
             return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
         self._memory.set(entry.key, entry, ttl=entry.fresh_until - now, size=size)

@@ -124,15 +124,18 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
     flags = blob[4]
     if flags & ~_KNOWN_FLAGS:
         raise CorruptEntryError(f"unknown flags {flags:#x}")
-    payload = _decompress(blob[5:], max_bytes) if flags & _FLAG_ZLIB else blob[5:]
-    if len(payload) < _HEADER_LEN.size:
+    # Offsets into the payload, which is the blob itself when uncompressed
+    # (no copy of the response until the one slice that keeps it).
+    payload, start = (_decompress(blob[5:], max_bytes), 0) if flags & _FLAG_ZLIB else (blob, 5)
+    if len(payload) < start + _HEADER_LEN.size:
         raise CorruptEntryError("truncated entry")
-    (header_len,) = _HEADER_LEN.unpack_from(payload)
-    header_end = _HEADER_LEN.size + header_len
+    (header_len,) = _HEADER_LEN.unpack_from(payload, start)
+    header_start = start + _HEADER_LEN.size
+    header_end = header_start + header_len
     if header_end > len(payload):
         raise CorruptEntryError("truncated header")
     try:
-        header = orjson.loads(payload[_HEADER_LEN.size : header_end])
+        header = orjson.loads(memoryview(payload)[header_start:header_end])
     except orjson.JSONDecodeError as exc:
         raise CorruptEntryError(f"bad header: {exc}") from exc
     if type(header) is not list or len(header) != _HEADER_FIELDS:

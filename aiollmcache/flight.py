@@ -51,7 +51,7 @@ class Flight(Generic[T]):
     __slots__ = ("_exc", "_outcome", "_waiters")
 
     def __init__(self) -> None:
-        self._waiters: list[asyncio.Future[T | _Retry]] = []
+        self._waiters: list[asyncio.Future[T | _Retry]] | None = None  # made on first wait
         self._outcome: T | _Retry | None = None
         self._exc: BaseException | None = None
 
@@ -67,6 +67,8 @@ class Flight(Generic[T]):
             fut.exception()
         elif self._outcome is not None:
             fut.set_result(self._outcome)
+        elif self._waiters is None:
+            self._waiters = [fut]
         else:
             self._waiters.append(fut)
         return fut
@@ -75,7 +77,7 @@ class Flight(Generic[T]):
         if self.done:
             return
         self._outcome, self._exc = (None, exc) if exc is not None else (outcome, None)
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters or (), None
         for fut in waiters:
             if fut.done():  # its caller was cancelled
                 continue

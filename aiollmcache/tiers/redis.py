@@ -150,6 +150,59 @@ _HEADER_ALLOWANCE = 64 * 1024
 _ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
 
 
+class _Deadline:
+    """One operation's deadline: cancels its task when it passes."""
+
+    __slots__ = ("at", "fired", "task")
+
+    def __init__(self, task: asyncio.Task[Any], at: float) -> None:
+        self.task = task
+        self.at = at
+        self.fired = False
+
+
+class _Budget:
+    """Deadlines for every operation in flight, enforced by one timer.
+
+    ``asyncio.timeout`` schedules and cancels a timer per operation; at
+    thousands of operations a second the event loop's heap fills with
+    cancelled timers it keeps rebuilding (measured here: ~20 us per
+    operation). This keeps one timer, set for the earliest deadline, and
+    cancels the tasks whose deadline has passed when it fires.
+    """
+
+    __slots__ = ("_inflight", "_timeout", "_timer")
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._inflight: set[_Deadline] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> _Deadline:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = task.get_loop()
+        deadline = _Deadline(task, loop.time() + self._timeout)
+        self._inflight.add(deadline)
+        if self._timer is None:
+            self._timer = loop.call_at(deadline.at, self._expire, loop)
+        return deadline
+
+    def finish(self, deadline: _Deadline) -> None:
+        self._inflight.discard(deadline)
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now = loop.time()
+        expired = [d for d in self._inflight if d.at <= now]
+        for deadline in expired:
+            self._inflight.discard(deadline)
+            deadline.fired = True
+            deadline.task.cancel()
+        if self._inflight:
+            self._timer = loop.call_at(min(d.at for d in self._inflight), self._expire, loop)
+
+
 def _is_wrongtype(exc: BaseException) -> bool:
     cause = exc.__cause__
     return isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE")
@@ -185,6 +238,7 @@ class RedisTier:
         self._namespace = validate_namespace(namespace)
         self._owns_client = owns_client
         self._timeout = timeout
+        self._budget = _Budget(timeout)
         self._compress_above = compress_above
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
@@ -305,14 +359,21 @@ class RedisTier:
     async def _call(self, op: str, command: Awaitable[T]) -> T:
         """Await one command within the time budget, translating Redis errors.
 
-        (A coroutine, not a context manager: this is on the hit path, and a
-        generator-based context manager costs more than the tier's own code.)
+        (A coroutine, not a context manager, and no timer of its own: this is
+        the hit path, see :class:`_Budget`.)
         """
+        deadline = self._budget.start()
         try:
-            async with asyncio.timeout(self._timeout):
-                return await command
+            return await command
+        except asyncio.CancelledError:
+            # Ours only if the budget fired and nobody else cancelled the task.
+            if deadline.fired and deadline.task.uncancel() == 0:
+                raise TierTimeoutError(f"redis {op}: no answer within {self._timeout}s") from None
+            raise
         except _ERRORS as exc:
             raise _translate(op, self._timeout, exc) from exc
+        finally:
+            self._budget.finish(deadline)
 
     def encode(self, entry: Entry) -> bytes:
         return encode_entry(entry, compress_above=self._compress_above)
