@@ -542,3 +542,36 @@ async def test_from_env(monkeypatch: pytest.MonkeyPatch, redis_server: RedisServ
         assert await r.exists(f"alc:fromenv:0:e:{{{result.key}}}")
     finally:
         await r.aclose()
+
+
+async def test_hung_redis_costs_a_bounded_wait(openai_client: openai.AsyncOpenAI, fake: FakeOpenAI) -> None:
+    with RedisServer() as server:
+        async with LLMCache(redis_url=server.url, openai=openai_client, model=MODEL, redis_timeout=0.2) as c:
+            server.pause()  # SIGSTOP: connections stay open, nothing answers
+            try:
+                async with asyncio.timeout(5):  # a hang would fail here, not in the suite's timeout
+                    result = await c.complete(user("hung redis"))
+            finally:
+                server.resume()
+        assert result.source == "upstream"
+        assert c.stats()["redis_errors"] >= 2
+        assert fake.calls("hung redis") == 1
+
+
+async def test_a_callers_cancellation_is_not_taken_for_a_redis_timeout(
+    openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    with RedisServer() as server:
+        async with LLMCache(redis_url=server.url, openai=openai_client, model=MODEL, redis_timeout=5) as c:
+            server.pause()
+            try:
+                task = asyncio.create_task(c.complete(user("cancel while hung")))
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), 0.2)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+            finally:
+                server.resume()
+        assert c.stats()["redis_errors"] == 0
+        assert fake.calls("cancel while hung") == 0
