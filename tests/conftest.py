@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
 
-from aiollmcache import LLMCache
+from aiollmcache import LLMCache, OpenAIUpstream, Upstream
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
 MODEL = "test-model"
@@ -92,3 +93,16 @@ async def until(condition: Callable[[], Awaitable[bool]], seconds: float = 10.0)
     async with asyncio.timeout(seconds):
         while not await condition():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+def signalling(client: AsyncOpenAI) -> tuple[asyncio.Event, Upstream]:
+    """An upstream through ``client`` that sets an event when a call reaches it."""
+    started = asyncio.Event()
+    inner = OpenAIUpstream(client)
+
+    async def upstream(params: dict[str, Any]) -> bytes:
+        started.set()
+        return await inner(params)
+
+    upstream.scope = inner.scope  # type: ignore[attr-defined]  # same key as the client itself
+    return started, upstream

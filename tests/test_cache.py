@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import openai
 import orjson
@@ -19,13 +18,11 @@ from aiollmcache import (
     InvalidRequestError,
     InvalidResponseError,
     LLMCache,
-    OpenAIUpstream,
     Source,
-    Upstream,
 )
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
-from .conftest import MODEL, user
+from .conftest import MODEL, signalling, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -331,18 +328,6 @@ async def test_concurrent_failure_reaches_every_waiter_once(cache: LLMCache, fak
     )
     assert all(isinstance(r, openai.InternalServerError) for r in results)
     assert fake.calls("fails") == 1
-
-
-def signalling(client: openai.AsyncOpenAI) -> tuple[asyncio.Event, Upstream]:
-    """An upstream that sets an event when a call reaches it."""
-    started = asyncio.Event()
-    inner = OpenAIUpstream(client)
-
-    async def upstream(params: dict[str, Any]) -> bytes:
-        started.set()
-        return await inner(params)
-
-    return started, upstream
 
 
 async def test_cancelled_caller_does_not_cancel_the_shared_call(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import openai
 import pytest
@@ -18,28 +17,14 @@ import redis.asyncio as aioredis
 from aiollmcache import (
     CacheControl,
     LLMCache,
-    OpenAIUpstream,
     RemoteUpstreamError,
-    Upstream,
     WaitTimeoutError,
 )
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
-from .conftest import until, user
+from .conftest import signalling, until, user
 
 pytestmark = pytest.mark.asyncio
-
-
-def signalling(client: openai.AsyncOpenAI) -> tuple[asyncio.Event, Upstream]:
-    started = asyncio.Event()
-    inner = OpenAIUpstream(client)
-
-    async def upstream(params: dict[str, Any]) -> bytes:
-        started.set()
-        return await inner(params)
-
-    upstream.scope = inner.scope  # type: ignore[attr-defined]
-    return started, upstream
 
 
 async def redis_keys(redis_server: RedisServer, pattern: str) -> list[bytes]:
