@@ -105,19 +105,6 @@ def _canon(value: Any, path: str) -> Any:
 
 
 def _canon_message(message: Any, index: int) -> dict[str, Any]:
-    # The common case, a plain dict of strings ({"role": ..., "content": ...}),
-    # is already canonical: validate it and use it as it is.
-    if type(message) is dict and type(role := message.get("role")) is str and role in VALID_ROLES:
-        for name, value in message.items():
-            if type(value) is not str or type(name) is not str:
-                break
-        else:
-            if "content" in message:
-                return message
-    return _canon_slow_message(message, index)
-
-
-def _canon_slow_message(message: Any, index: int) -> dict[str, Any]:
     path = f"messages[{index}]"
     if _is_model(message):
         message = _dump_model(message)
@@ -180,7 +167,19 @@ def _build(
         )
     if not messages:
         raise InvalidRequestError("messages: expected a non-empty list of dicts, got []")
-    canon_messages = [_canon_message(m, i) for i, m in enumerate(messages)]
+    canon_messages = []
+    for index, message in enumerate(messages):
+        # The common case, a plain dict of strings ({"role": ..., "content": ...}),
+        # is already canonical: validate it and use it as it is.
+        if type(message) is dict and type(role := message.get("role")) is str and role in VALID_ROLES:
+            for name, value in message.items():
+                if type(value) is not str or type(name) is not str:
+                    break
+            else:
+                if "content" in message:
+                    canon_messages.append(message)
+                    continue
+        canon_messages.append(_canon_message(message, index))
 
     model = params.get("model")
     if model is None or (type(model) is not str and _is_omitted(model)):
