@@ -130,29 +130,48 @@ def _control_seconds(value: Seconds | None, default: _T) -> float | _T:
     return default if value is None else cast(float, value)
 
 
-@dataclass(slots=True)
 class CacheResult:
     """An answer and where it came from (one object per call).
 
-    ``response`` may be shared with other callers served from the same entry:
-    treat it as read-only (copy it with ``model_copy(deep=True)`` to modify).
+    ``response`` (the ``ChatCompletion``) is built on first access and shared
+    with other callers served from the same entry: treat it as read-only
+    (``model_copy(deep=True)`` to modify). ``text`` does not need it built.
     """
 
-    response: ChatCompletion
-    source: Source
-    key: str
-    age: float
-    coalesced: bool = False
-    stale: bool = False
-    similarity: float | None = None
+    __slots__ = ("_entry", "age", "coalesced", "key", "similarity", "source", "stale")
+
+    def __init__(
+        self,
+        entry: Entry,
+        source: Source,
+        age: float,
+        coalesced: bool = False,
+        stale: bool = False,
+        similarity: float | None = None,
+    ) -> None:
+        self._entry = entry
+        self.source = source
+        self.key = entry.key
+        self.age = age
+        self.coalesced = coalesced
+        self.stale = stale
+        self.similarity = similarity
+
+    @property
+    def response(self) -> ChatCompletion:
+        """The provider's full response."""
+        return self._entry.response
 
     @property
     def text(self) -> str:
         """The first choice's message content ('' when it has none, e.g. tool calls only)."""
-        choices = self.response.choices
-        if not choices:
-            return ""
-        return choices[0].message.content or ""
+        return self._entry.text
+
+    def __repr__(self) -> str:
+        return (
+            f"CacheResult(source={self.source.value!r}, key={self.key!r}, age={self.age:.3f}, "
+            f"coalesced={self.coalesced}, stale={self.stale}, text={self.text[:40]!r})"
+        )
 
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
@@ -665,13 +684,7 @@ class LLMCache:
         if saved:
             self._stats.tokens_saved_prompt += entry.prompt_tokens
             self._stats.tokens_saved_completion += entry.completion_tokens
-        return CacheResult(
-            response=entry.response,
-            source=source,
-            key=entry.key,
-            age=entry.age(now),
-            coalesced=coalesced,
-        )
+        return CacheResult(entry, source, entry.age(now), coalesced)
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Start new work owned by the cache; refused once the cache is closing."""

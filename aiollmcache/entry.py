@@ -9,6 +9,9 @@ Encoding (never pickle)::
     b"\\xa1LC" | format version (1 byte) | flags (1 byte) | payload
     payload = u32 header length | header (orjson array) | response (JSON bytes)
 
+The header carries a CRC-32 of the response and the versions of openai and
+pydantic that validated it before it was written.
+
 The payload is zlib-compressed (flag bit 0) when it is larger than the
 compression threshold. Anything that does not decode to a valid entry for the
 expected key raises :class:`CorruptEntryError`: the caller treats it as a miss.
@@ -19,9 +22,11 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from typing import Final, NamedTuple
+from typing import Any, Final
 
+import openai
 import orjson
+import pydantic
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
@@ -29,16 +34,20 @@ from .errors import CorruptEntryError
 
 __all__ = ["FORMAT_VERSION", "MISSING", "Entry", "decode_entry", "encode_entry"]
 
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2
 _MAGIC: Final = b"\xa1LC"
 _PREFIX: Final = _MAGIC + bytes([FORMAT_VERSION])
 _FLAG_ZLIB: Final = 0x01
 _KNOWN_FLAGS: Final = _FLAG_ZLIB
 _HEADER_LEN = struct.Struct(">I")
 _ZLIB_LEVEL: Final = 1
-# key, created_at, fresh_until, expires_at, compute_ms, model, prompt and
-# completion tokens, tags: a JSON array, cheaper to check than an object.
-_HEADER_FIELDS: Final = 9
+# environment, checksum of the response, key, created_at, fresh_until,
+# expires_at, compute_ms, model, prompt and completion tokens, tags: a JSON
+# array, cheaper to check than an object.
+_HEADER_FIELDS: Final = 11
+# The versions that validated a response when it was written; an entry written
+# under the same ones needs no validation to be read back.
+_ENVIRONMENT: Final = f"openai {openai.__version__}; pydantic {pydantic.VERSION}"
 _NUMBER: Final = (int, float)
 
 
@@ -56,35 +65,101 @@ MISSING: Final = _Missing.MISSING
 """Returned by tiers for a miss; never ``None``, which could be a value."""
 
 
-class Entry(NamedTuple):
-    """One cached answer with its metadata (immutable).
+class Entry:
+    """One cached answer with its metadata. Treat it as immutable.
 
-    ``raw`` is the response's JSON as stored; ``response`` the parsed object,
-    shared by every caller served from this entry (treat it as read-only).
-    A named tuple rather than a frozen dataclass: it is built on every Redis
-    hit, and a tuple is built several times faster.
+    ``raw`` is the response's JSON as stored. ``response``, the parsed
+    ``ChatCompletion``, is built on first use and then shared by every caller
+    served from this entry (treat it as read-only); ``text`` is read straight
+    from the JSON when the response has not been built. An entry read from
+    Redis may defer building it only because its bytes are known good: they
+    passed a checksum and were validated, when written, by the same versions
+    of openai and pydantic that would validate them now (see
+    :func:`decode_entry`).
     """
 
-    key: str
-    response: ChatCompletion
-    raw: bytes
-    created_at: float
-    fresh_until: float
-    expires_at: float
-    compute_ms: float
-    model: str
-    prompt_tokens: int
-    completion_tokens: int
-    tags: tuple[str, ...] = ()
+    __slots__ = (
+        "_response",
+        "_text",
+        "completion_tokens",
+        "compute_ms",
+        "created_at",
+        "expires_at",
+        "fresh_until",
+        "key",
+        "model",
+        "prompt_tokens",
+        "raw",
+        "tags",
+    )
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        raw: bytes,
+        created_at: float,
+        fresh_until: float,
+        expires_at: float,
+        compute_ms: float,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tags: tuple[str, ...] = (),
+        response: ChatCompletion | None = None,
+    ) -> None:
+        self.key = key
+        self.raw = raw
+        self.created_at = created_at
+        self.fresh_until = fresh_until
+        self.expires_at = expires_at
+        self.compute_ms = compute_ms
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.tags = tags
+        self._response = response
+        self._text: str | None = None
+
+    @property
+    def response(self) -> ChatCompletion:
+        response = self._response
+        if response is None:
+            response = self._response = ChatCompletion.model_validate_json(self.raw)
+        return response
+
+    @property
+    def text(self) -> str:
+        """The first choice's message content ('' when it has none)."""
+        text = self._text
+        if text is None:
+            if self._response is not None:
+                first = self._response.choices[0] if self._response.choices else None
+                text = (first.message.content or "") if first is not None else ""
+            else:
+                text = _first_content(orjson.loads(self.raw))
+            self._text = text
+        return text
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.created_at)
+
+    def __repr__(self) -> str:
+        return f"Entry(key={self.key!r}, model={self.model!r}, size={len(self.raw)})"
+
+
+def _first_content(body: dict[str, Any]) -> str:
+    choices = body.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) else ""
 
 
 def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
     """Encode ``entry``; the payload is compressed when above ``compress_above`` bytes."""
     header = orjson.dumps(
         [
+            _ENVIRONMENT,
+            zlib.crc32(entry.raw),
             entry.key,
             entry.created_at,
             entry.fresh_until,
@@ -140,11 +215,25 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
         raise CorruptEntryError(f"bad header: {exc}") from exc
     if type(header) is not list or len(header) != _HEADER_FIELDS:
         raise CorruptEntryError("header is not a list of the expected fields")
-    stored_key, created, fresh_until, expires_at, compute_ms, model, ptokens, ctokens, tags = header
+    (
+        environment,
+        checksum,
+        stored_key,
+        created,
+        fresh_until,
+        expires_at,
+        compute_ms,
+        model,
+        ptokens,
+        ctokens,
+        tags,
+    ) = header
     if stored_key != key:
         raise CorruptEntryError("entry belongs to another key")
     if not (
-        type(created) in _NUMBER
+        type(environment) is str
+        and type(checksum) is int
+        and type(created) in _NUMBER
         and type(fresh_until) in _NUMBER
         and type(expires_at) in _NUMBER
         and type(compute_ms) in _NUMBER
@@ -156,13 +245,18 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
     ):
         raise CorruptEntryError("header fields of the wrong type")
     raw = payload[header_end:]
-    try:
-        response = ChatCompletion.model_validate_json(raw)
-    except ValidationError as exc:
-        raise CorruptEntryError(f"stored response is not a chat completion: {exc}") from exc
+    if zlib.crc32(raw) != checksum:
+        raise CorruptEntryError("stored response does not match its checksum")
+    response = None
+    if environment != _ENVIRONMENT:
+        # Written by other versions of openai or pydantic: validate now, not on
+        # first use, so an entry this process cannot read is a miss.
+        try:
+            response = ChatCompletion.model_validate_json(raw)
+        except ValidationError as exc:
+            raise CorruptEntryError(f"stored response is not a chat completion: {exc}") from exc
     return Entry(
         key=key,
-        response=response,
         raw=raw,
         created_at=float(created),
         fresh_until=float(fresh_until),
@@ -172,4 +266,5 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
         prompt_tokens=ptokens,
         completion_tokens=ctokens,
         tags=tuple(tags),
+        response=response,
     )

@@ -8,7 +8,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from aiollmcache import CorruptEntryError, Entry
-from aiollmcache.entry import FORMAT_VERSION, decode_entry, encode_entry
+from aiollmcache.entry import _ENVIRONMENT, FORMAT_VERSION, decode_entry, encode_entry
 
 KEY = "0" * 32
 
@@ -51,7 +51,11 @@ def test_round_trip(content: str) -> None:
     blob = encode_entry(original, compress_above=8192)
     assert (len(blob) < len(original.raw)) == (len(content) > 8192)
     decoded = decode_entry(blob, KEY, max_bytes=1 << 20)
-    assert decoded == original
+    fields = ("key", "raw", "created_at", "fresh_until", "expires_at", "compute_ms", "model", "tags")
+    assert [getattr(decoded, f) for f in fields] == [getattr(original, f) for f in fields]
+    assert (decoded.prompt_tokens, decoded.completion_tokens) == (3, 5)
+    assert decoded.text == content
+    assert decoded.response == original.response
 
 
 def _header_blob(header: object, body: bytes = completion()) -> bytes:
@@ -59,7 +63,8 @@ def _header_blob(header: object, body: bytes = completion()) -> bytes:
     return b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">I", len(h)) + h + body
 
 
-GOOD_HEADER = [KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, []]
+ENV = _ENVIRONMENT
+GOOD_HEADER = [ENV, zlib.crc32(completion()), KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, []]
 
 
 def header_with(index: int, value: object) -> list[object]:
@@ -82,25 +87,36 @@ VALID = encode_entry(entry(), compress_above=1 << 20)
         (VALID[:4], "truncated"),
         (VALID[:7], "truncated"),
         (VALID[:20], "truncated header"),
-        (VALID[:-10], "not a chat completion"),
+        (VALID[:-10], "checksum"),
         (VALID[:4] + b"\x80" + VALID[5:], "unknown flags"),
         (VALID[:4] + b"\x01" + b"not zlib", "bad compressed payload"),
         (VALID[:4] + b"\x01" + zlib.compress(b"\0" * 100)[:-4], "truncated"),
         (_header_blob(GOOD_HEADER), None),
-        (_header_blob(header_with(0, "f" * 32)), "another key"),
-        (_header_blob(header_with(1, "yesterday")), "wrong type"),
-        (_header_blob(header_with(6, True)), "wrong type"),
-        (_header_blob(header_with(6, 1.5)), "wrong type"),
-        (_header_blob(header_with(8, [1])), "wrong type"),
-        (_header_blob(header_with(8, "tag")), "wrong type"),
+        (_header_blob(header_with(2, "f" * 32)), "another key"),
+        (_header_blob(header_with(3, "yesterday")), "wrong type"),
+        (_header_blob(header_with(8, True)), "wrong type"),
+        (_header_blob(header_with(8, 1.5)), "wrong type"),
+        (_header_blob(header_with(10, [1])), "wrong type"),
+        (_header_blob(header_with(10, "tag")), "wrong type"),
+        (_header_blob(header_with(1, "crc")), "wrong type"),
+        (_header_blob(header_with(0, None)), "wrong type"),
+        (_header_blob(header_with(1, 12345)), "checksum"),
         (_header_blob([KEY, 1.0]), "expected fields"),
         (_header_blob({"k": KEY}), "expected fields"),
-        (_header_blob(GOOD_HEADER, b'{"id": 1}'), "not a chat completion"),
+        (_header_blob(GOOD_HEADER, b'{"id": 1}'), "checksum"),
+        # written under other versions of openai/pydantic: validated at once
+        (_header_blob(["openai 0.0", zlib.crc32(completion()), *GOOD_HEADER[2:]]), None),
+        (
+            _header_blob(["openai 0.0", zlib.crc32(b'{"id": 1}'), *GOOD_HEADER[2:]], b'{"id": 1}'),
+            "not a chat completion",
+        ),
     ],
 )
 def test_invalid_bytes_are_corrupt(blob: bytes, reason: str | None) -> None:
-    if reason is None:  # the well-formed control case decodes
-        assert decode_entry(blob, KEY, max_bytes=1 << 20).model == "m"
+    if reason is None:  # the well-formed control cases decode
+        decoded = decode_entry(blob, KEY, max_bytes=1 << 20)
+        assert decoded.model == "m"
+        assert decoded.response.choices[0].message.content == "Hello"
         return
     with pytest.raises(CorruptEntryError, match=reason):
         decode_entry(blob, KEY, max_bytes=1 << 20)
@@ -110,3 +126,12 @@ def test_decompression_is_bounded() -> None:
     bomb = b"\xa1LC" + bytes([FORMAT_VERSION, 1]) + zlib.compress(b"\0" * (4 << 20))
     with pytest.raises(CorruptEntryError, match="larger than"):
         decode_entry(bomb, KEY, max_bytes=1 << 20)
+
+
+def test_same_versions_defer_building_the_response() -> None:
+    decoded = decode_entry(VALID, KEY, max_bytes=1 << 20)
+    assert decoded._response is None  # checksum and versions vouch for the bytes
+    assert decoded.text == "Hello"
+    assert decoded._response is None  # text needs no ChatCompletion
+    assert decoded.response.usage is not None
+    assert decoded.response is decoded.response  # built once, then shared
