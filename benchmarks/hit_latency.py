@@ -90,6 +90,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         assert first.source == "redis", first.source
         assert (await memory_cache.complete(MESSAGES)).source == "memory"
         warmup = max(200, iterations // 10)
+
         async def raw_get() -> None:
             orjson.loads(await client.get(raw_key))
 
