@@ -12,6 +12,7 @@ import asyncio
 import enum
 import math
 import os
+import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .flight import RETRY, Coordinator, Flights, LeaseSettings
+from .policy import Decision, State, decide
 from .request import ChatRequest, build_chat_request
 from .stats import Stats
 from .tiers.memory import MemoryTier
@@ -96,13 +98,17 @@ class CacheControl:
     """Per-request cache settings. Invalid values raise :class:`InvalidRequestError`.
 
     - ``ttl``: fresh window for an answer written by this request (default: the cache's).
-    - ``max_age``: serve a cached answer only if it is at most this old (seconds).
+    - ``stale_ttl``: how long after ``ttl`` that answer may still be served stale
+      while it is refreshed (default: the cache's).
+    - ``max_age``: serve a cached answer only if it is at most this old (seconds);
+      an older one is replaced before this caller gets an answer.
     - ``tags``: labels stored with the answer, for invalidation by tag.
     - ``no_cache``: do not look up; always ask the model (the answer is still stored).
     - ``no_store``: do not store this request's answer.
     """
 
     ttl: Seconds | None = None
+    stale_ttl: Seconds | None = None
     max_age: Seconds | None = None
     tags: Sequence[str] = ()
     no_cache: bool = False
@@ -112,6 +118,7 @@ class CacheControl:
         bad = InvalidRequestError
         object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
         object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
+        object.__setattr__(self, "stale_ttl", _seconds(self.stale_ttl, "CacheControl.stale_ttl", error=bad))
         if not isinstance(self.tags, (list, tuple, frozenset, set)) or not all(
             isinstance(t, str) and t and "{" not in t and "}" not in t for t in self.tags
         ):
@@ -225,6 +232,8 @@ class LLMCache:
         lease_max_lifetime: Seconds = 600.0,
         max_wait: Seconds = 300.0,
         on_wait_timeout: Literal["raise", "upstream"] = "raise",
+        xfetch_beta: float = 1.0,
+        max_refreshes: int = 64,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -282,6 +291,16 @@ class LLMCache:
             max_wait=_seconds(max_wait, "max_wait") or 0.0,
             on_wait_timeout=on_wait_timeout,
         )
+        if (
+            isinstance(xfetch_beta, bool)
+            or not isinstance(xfetch_beta, (int, float))
+            or not (0 <= xfetch_beta < math.inf)
+        ):
+            raise ConfigurationError(f"xfetch_beta: expected a finite number >= 0, got {xfetch_beta!r}")
+        self._xfetch_beta = float(xfetch_beta)
+        self._draw = random.Random().random
+        self._max_refreshes = _count(max_refreshes, "max_refreshes")
+        self._refreshing: set[str] = set()
         self._version_retry_at = 0.0
         self._subscriber: Subscriber | None = None
         self._coordinator: Coordinator | None = None
@@ -472,12 +491,16 @@ class LLMCache:
         if control.no_cache:
             entry = await self._compute(request, control, upstream)
             return self._result(entry, Source.UPSTREAM, time.time())
+        # Refreshing a stale answer stores it: not on behalf of a no_store request.
+        refresh = None if control.no_store else (request, control, upstream)
         while True:
             now = time.time()
             cached = self._memory.get(key)
-            if cached is not MISSING and self._acceptable(cached, now, control):
-                self._stats.hits_memory += 1
-                return self._result(cached, Source.MEMORY, now, saved=True)
+            if cached is not MISSING:
+                decision = self._decide(cached, now, control)
+                if decision.servable:
+                    self._stats.hits_memory += 1
+                    return self._serve(cached, Source.MEMORY, now, decision, refresh)
 
             flight = self._flights.get(key)
             if flight is not None:
@@ -488,17 +511,18 @@ class LLMCache:
                     continue
                 entry, source, _ = outcome
                 now = time.time()
-                if self._acceptable(entry, now, control):
+                decision = self._decide(entry, now, control)
+                if decision.servable:
                     self._stats.coalesced += 1
-                    return self._result(entry, source, now, coalesced=True, saved=True)
+                    return self._serve(entry, source, now, decision, refresh, coalesced=True)
                 entry = await self._compute(request, control, upstream)
                 return self._result(entry, Source.UPSTREAM, time.time())
 
             if control.no_store:
                 # Never lead a flight others would take as a stored answer.
                 found = await self._redis_get(key, control, now)
-                if found is not MISSING:
-                    return self._result(found, Source.REDIS, now, saved=True)
+                if found is not None:
+                    return self._serve(found[0], Source.REDIS, now, found[1], None)
                 entry = await self._compute(request, control, upstream)
                 return self._result(entry, Source.UPSTREAM, time.time())
 
@@ -511,9 +535,10 @@ class LLMCache:
         flight = self._flights.lead(key)
         try:
             found = await self._redis_get(key, control, now)
-            if found is not MISSING:
-                self._flights.settle(key, flight, (found, Source.REDIS, False))
-                return self._result(found, Source.REDIS, now, saved=True)
+            if found is not None:
+                entry, decision = found
+                self._flights.settle(key, flight, (entry, Source.REDIS, False))
+                return self._serve(entry, Source.REDIS, now, decision, (request, control, upstream))
             task = self._spawn(self._fill(request, control, upstream))
             self._flights.follow_task(key, flight, task)
         except BaseException:
@@ -529,29 +554,33 @@ class LLMCache:
             self._stats.coalesced_remote += 1
         return self._result(entry, source, time.time(), coalesced=remote, saved=remote)
 
-    async def _redis_get(self, key: str, control: CacheControl, now: float) -> Entry | Any:
+    async def _redis_get(self, key: str, control: CacheControl, now: float) -> tuple[Entry, Decision] | None:
+        """The entry in Redis if it may be served, with what to do about it."""
         tier = self._redis
         if tier is None:
-            return MISSING
+            return None
         try:
             if tier.version is None:
                 await self._load_version()
                 if tier.version is None:
-                    return MISSING
+                    return None
             entry = await tier.get(key)
         except CorruptEntryError as exc:
             self._stats.corrupt_entries += 1
             self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
-            return MISSING
+            return None
         except TierUnavailableError as exc:
             self._stats.redis_errors += 1
             self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
-            return MISSING
-        if entry is MISSING or not self._acceptable(entry, now, control):
-            return MISSING
+            return None
+        if entry is MISSING:
+            return None
+        decision = self._decide(entry, now, control)
+        if not decision.servable:
+            return None
         self._stats.hits_redis += 1
         self._remember(entry, now)
-        return entry
+        return entry, decision
 
     async def _load_version(self) -> None:
         # Until the version is known the Redis tier is skipped (an entry of a
@@ -583,7 +612,7 @@ class LLMCache:
                 request.key,
                 compute,
                 self._encode_for_redis,
-                lambda found: self._acceptable(found, time.time(), control),
+                lambda found: self._decide(found, time.time(), control).servable,
             )
         except TierUnavailableError as exc:
             # Raised only before this process called upstream: go on without Redis.
@@ -623,7 +652,7 @@ class LLMCache:
             raw=raw,
             created_at=created,
             fresh_until=fresh_until,
-            expires_at=fresh_until + self._stale_ttl,
+            expires_at=fresh_until + _control_seconds(control.stale_ttl, self._stale_ttl),
             compute_ms=(time.monotonic() - started) * 1000,
             model=request.model,
             prompt_tokens=usage.prompt_tokens if usage else 0,
@@ -664,13 +693,87 @@ class LLMCache:
         if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes:
             return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
-        self._memory.set(entry.key, entry, ttl=entry.fresh_until - now, size=size)
+        # Kept until hard expiry: a stale answer is served from memory too.
+        self._memory.set(entry.key, entry, ttl=entry.expires_at - now, size=size)
 
-    @staticmethod
-    def _acceptable(entry: Entry, now: float, control: CacheControl) -> bool:
-        if now >= entry.fresh_until:
-            return False
-        return control.max_age is None or now - entry.created_at <= cast(float, control.max_age)
+    def _decide(self, entry: Entry, now: float, control: CacheControl) -> Decision:
+        return decide(
+            created_at=entry.created_at,
+            fresh_until=entry.fresh_until,
+            expires_at=entry.expires_at,
+            compute_s=entry.compute_ms / 1000,
+            now=now,
+            max_age=_control_seconds(control.max_age, None),
+            beta=self._xfetch_beta,
+            draw=self._draw,
+        )
+
+    def _serve(
+        self,
+        entry: Entry,
+        source: Source,
+        now: float,
+        decision: Decision,
+        refresh: tuple[ChatRequest, CacheControl, Upstream] | None,
+        *,
+        coalesced: bool = False,
+    ) -> CacheResult:
+        """A cached answer for a caller, scheduling the refresh it calls for."""
+        stale = decision.state is State.STALE
+        if stale:
+            self._stats.stale_served += 1
+        if decision.refresh and refresh is not None:
+            self._schedule_refresh(entry, *refresh)
+        self._stats.tokens_saved_prompt += entry.prompt_tokens
+        self._stats.tokens_saved_completion += entry.completion_tokens
+        return CacheResult(entry, source, entry.age(now), coalesced, stale)
+
+    def _schedule_refresh(
+        self, entry: Entry, request: ChatRequest, control: CacheControl, upstream: Upstream
+    ) -> None:
+        """Start a background refresh of ``entry``: one per key in this process,
+        at most ``max_refreshes`` at once (beyond that, skipped and counted)."""
+        key = entry.key
+        if key in self._refreshing or self._state != _OPEN:
+            return
+        if len(self._refreshing) >= self._max_refreshes:
+            self._stats.refreshes_skipped += 1
+            return
+        self._refreshing.add(key)
+        self._stats.refreshes += 1
+        try:
+            self._spawn(self._refresh(entry, request, control, upstream))
+        except BaseException:
+            self._refreshing.discard(key)
+            raise
+
+    async def _refresh(
+        self, current: Entry, request: ChatRequest, control: CacheControl, upstream: Upstream
+    ) -> None:
+        # Across processes this is one more flight: the first process takes the
+        # lease (the entry in Redis, no newer than ``current``, does not count as
+        # an answer) and the others wait for its answer, so the fleet makes one
+        # upstream call per refresh.
+        try:
+            coordinator = self._coordinator
+            if coordinator is None or self._redis is None or self._redis.version is None:
+                await self._compute(request, control, upstream)
+                return
+
+            async def compute() -> Entry:
+                return await self._call_upstream(request, control, upstream)
+
+            def newer(found: Entry) -> bool:
+                return found.created_at > current.created_at
+
+            entry, _ = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
+            self._remember(entry, time.time())
+        except Exception as exc:
+            # The stale answer goes on being served until it expires.
+            self._stats.refresh_errors += 1
+            self._log.warning("refresh", "background refresh failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._refreshing.discard(current.key)
 
     def _result(
         self,

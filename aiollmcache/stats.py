@@ -24,6 +24,10 @@ class Stats:
     upstream_errors: int = 0
     stores: int = 0
     store_skipped: int = 0
+    stale_served: int = 0
+    refreshes: int = 0
+    refreshes_skipped: int = 0
+    refresh_errors: int = 0
     redis_errors: int = 0
     corrupt_entries: int = 0
     tokens_saved_prompt: int = 0

@@ -167,17 +167,18 @@ async def test_waiting_longer_than_max_wait(
     assert raising.stats()["lease_wait_timeouts"] == 1
 
 
-async def test_entry_past_its_fresh_window_is_replaced_not_served(
+async def test_too_old_for_max_age_is_replaced_before_answering(
     make_cache: Callable[..., LLMCache], fake: FakeOpenAI
 ) -> None:
-    writer = make_cache(ttl=0.3, stale_ttl=3600)
+    writer = make_cache(ttl=60, stale_ttl=3600)
     first = await writer.complete(user("aging"))
-    await asyncio.sleep(0.35)  # the fresh window itself is under test
-    reader = make_cache(ttl=0.3, stale_ttl=3600)
-    again = await reader.complete(user("aging"))
-    assert again.source == "upstream" and again.response.id != first.response.id
+    await asyncio.sleep(0.15)  # the entry's age itself is under test
+    reader = make_cache()
+    again = await reader.complete(user("aging"), cache=CacheControl(max_age=0.1))
+    assert again.source == "upstream"
+    assert again.response.id != first.response.id
     young = await make_cache().complete(user("aging"), cache=CacheControl(max_age=60))
-    assert young.response.id == again.response.id
+    assert young.response.id == again.response.id  # the replacement was stored
     assert fake.calls("aging") == 2
 
 
