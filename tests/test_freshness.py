@@ -1,0 +1,139 @@
+"""Freshness on real Redis: stale-while-revalidate, early refresh, per-request windows.
+
+Entries here get short windows (a fraction of a second) and the tests sleep
+past them: the passing of time is what is under test. Background refreshes
+are awaited by closing the cache, which drains them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from aiollmcache import CacheControl, LLMCache
+from aiollmcache.testing import FakeOpenAI, RedisServer
+
+from .conftest import user
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_stale_answer_is_served_at_once_and_refreshed_once(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    writer = make_cache(ttl=0.3, stale_ttl=60)
+    first = await writer.complete(user("swr"))
+    await asyncio.sleep(0.35)
+    fake.latency = 0.3  # the refresh takes a while; callers must not wait for it
+    reader = make_cache(ttl=0.3, stale_ttl=60)
+    results = await asyncio.gather(*(reader.complete(user("swr")) for _ in range(20)))
+    assert {r.response.id for r in results} == {first.response.id}
+    assert all(r.stale for r in results)
+    assert fake.calls("swr") == 1  # nobody waited for the model
+    await reader.aclose()  # drains the background refresh
+    assert fake.calls("swr") == 2
+    stats = reader.stats()
+    assert stats["refreshes"] == 1 and stats["stale_served"] == 20 and stats["refresh_errors"] == 0
+    fresh = await make_cache().complete(user("swr"))
+    assert not fresh.stale and fresh.response.id != first.response.id
+
+
+async def test_memory_tier_serves_stale_too_and_learns_the_refresh(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    c = make_cache(ttl=0.3, stale_ttl=60)
+    first = await c.complete(user("stale in memory"))
+    await asyncio.sleep(0.35)
+    stale = await c.complete(user("stale in memory"))
+    assert (stale.source, stale.stale, stale.response.id) == ("memory", True, first.response.id)
+    await asyncio.gather(*c._tasks)  # the background refresh, owned by the cache
+    assert fake.calls("stale in memory") == 2
+    after = await c.complete(user("stale in memory"))
+    assert (after.source, after.stale) == ("memory", False)
+    assert after.response.id != first.response.id
+
+
+async def test_failed_refresh_keeps_serving_the_stale_answer(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    writer = make_cache(ttl=0.3, stale_ttl=60)
+    first = await writer.complete(user("refresh fails"))
+    await asyncio.sleep(0.35)
+    fake.fail(500, prompt="refresh fails")
+    reader = make_cache(ttl=0.3, stale_ttl=60)
+    served = await reader.complete(user("refresh fails"))
+    assert served.stale and served.response.id == first.response.id
+    await reader.aclose()
+    assert reader.stats()["refresh_errors"] == 1
+    again = await make_cache(memory_max_entries=0).complete(user("refresh fails"))
+    assert again.stale and again.response.id == first.response.id
+
+
+async def test_refreshes_are_bounded(make_cache: Callable[..., LLMCache], fake: FakeOpenAI) -> None:
+    writer = make_cache(ttl=0.3, stale_ttl=60)
+    await asyncio.gather(writer.complete(user("one")), writer.complete(user("two")))
+    await asyncio.sleep(0.35)
+    fake.latency = 0.2
+    reader = make_cache(ttl=0.3, stale_ttl=60, max_refreshes=1)
+    await asyncio.gather(reader.complete(user("one")), reader.complete(user("two")))
+    await reader.aclose()
+    stats = reader.stats()
+    assert (stats["refreshes"], stats["refreshes_skipped"]) == (1, 1)
+
+
+async def test_early_refresh_keeps_a_hot_key_fresh(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    fake.latency = 0.05
+    # beta this large: an early refresh on every read (the draw can not save it)
+    c = make_cache(ttl=60, xfetch_beta=1e9)
+    first = await c.complete(user("early"))
+    hit = await c.complete(user("early"))
+    assert (hit.source, hit.stale, hit.response.id) == ("memory", False, first.response.id)
+    await c.aclose()
+    assert fake.calls("early") == 2
+    assert c.stats()["refreshes"] == 1
+
+
+async def test_no_early_refresh_far_from_expiry(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    c = make_cache(ttl=3600)  # beta 1, a call of milliseconds, an hour to go: never
+    for _ in range(200):
+        await c.complete(user("far"))
+    await c.aclose()
+    assert fake.calls("far") == 1
+    assert c.stats()["refreshes"] == 0
+
+
+async def test_closing_with_refreshes_in_flight_leaves_nothing_behind(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    writer = make_cache(ttl=0.3, stale_ttl=60)
+    await writer.complete(user("closing refresh"))
+    await asyncio.sleep(0.35)
+    fake.latency = 5.0
+    reader = make_cache(ttl=0.3, stale_ttl=60, close_timeout=0.1)
+    assert (await reader.complete(user("closing refresh"))).stale
+    await asyncio.to_thread(fake.wait_for_calls, 2, prompt="closing refresh")
+    await reader.aclose()
+    assert not reader._tasks
+    assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("LLMCache.")]
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        assert await r.keys(f"alc:{namespace}:*:l:*") == []  # the cancelled refresh gave its lease back
+    finally:
+        await r.aclose()
+
+
+async def test_per_request_stale_window(cache: LLMCache, redis_server: RedisServer, namespace: str) -> None:
+    result = await cache.complete(user("windows"), cache=CacheControl(ttl=100, stale_ttl=50))
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        pttl = await r.pttl(f"alc:{namespace}:0:e:{{{result.key}}}")
+    finally:
+        await r.aclose()
+    assert 140_000 < pttl <= 150_000
