@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ async def test_another_process_hits_what_this_one_stored(
     assert theirs == {
         "source": "redis",
         "coalesced": False,
+        "stale": False,
         "text": mine.text,
         "key": mine.key,
         "id": mine.response.id,
@@ -180,3 +182,35 @@ async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
         assert await r.keys(f"alc:{namespace}:*") == []  # no entry, no lease left behind
     finally:
         await r.aclose()
+
+
+async def test_three_processes_on_a_stale_key_refresh_it_once(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    writer = make_cache(ttl=0.5, stale_ttl=60)
+    first = await writer.complete(user("stale everywhere"))
+    await asyncio.sleep(0.55)  # the fresh window itself is under test
+    fake.latency = 0.5
+    options = (
+        "--callers",
+        "100",
+        "--ttl",
+        "60",
+        "--stale-ttl",
+        "60",
+        "--wait-go",
+    )  # their refresh stays fresh
+    workers = [
+        await Worker.start(redis_server, fake, namespace, "stale everywhere", *options) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.go()
+    reports = [await w.result() for w in workers]  # each drains its refresh before exiting
+    results = [r for report in reports for r in report["results"]]
+    assert not [r for r in results if "error" in r]
+    # every caller got the stale answer at once; nobody waited for the model
+    assert {(r["id"], r["stale"]) for r in results} == {(first.response.id, True)}
+    assert fake.calls("stale everywhere") == 2  # the first answer and one refresh for the fleet
+    assert sum(rep["stats"]["lease_held"] for rep in reports) == 1
+    fresh = await make_cache(memory_max_entries=0).complete(user("stale everywhere"))
+    assert not fresh.stale and fresh.response.id != first.response.id

@@ -1,7 +1,7 @@
 """A worker process for cross-process tests: C concurrent complete() calls.
 
     python -m tests.worker REDIS_URL BASE_URL NAMESPACE PROMPT [--callers N]
-        [--lease-ttl S] [--client-timeout S] [--wait-go]
+        [--lease-ttl S] [--client-timeout S] [--ttl S] [--stale-ttl S] [--wait-go]
 
 With --wait-go it prints "ready" once the cache is open and waits for a line
 on stdin before firing, so several workers can start together. It prints one
@@ -30,6 +30,7 @@ async def call(cache: LLMCache, prompt: str) -> dict[str, Any]:
     return {
         "source": str(result.source),
         "coalesced": result.coalesced,
+        "stale": result.stale,
         "text": result.text,
         "key": result.key,
         "id": result.response.id,
@@ -47,12 +48,14 @@ async def main(args: argparse.Namespace) -> None:
             model="test-model",
             namespace=args.namespace,
             lease_ttl=args.lease_ttl,
+            ttl=args.ttl,
+            stale_ttl=args.stale_ttl,
         ) as cache:
             if args.wait_go:
                 print("ready", flush=True)
                 await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
             results = await asyncio.gather(*(call(cache, args.prompt) for _ in range(args.callers)))
-            stats = cache.stats()
+        stats = cache.stats()  # after closing, which drains background refreshes
         sys.stdout.buffer.write(orjson.dumps({"results": results, "stats": stats}) + b"\n")
         sys.stdout.flush()
     finally:
@@ -68,5 +71,7 @@ if __name__ == "__main__":
     parser.add_argument("--callers", type=int, default=1)
     parser.add_argument("--lease-ttl", type=float, default=10.0)
     parser.add_argument("--client-timeout", type=float, default=30.0)
+    parser.add_argument("--ttl", type=float, default=3600.0)
+    parser.add_argument("--stale-ttl", type=float, default=0.0)
     parser.add_argument("--wait-go", action="store_true")
     asyncio.run(main(parser.parse_args()))
