@@ -39,7 +39,7 @@ from .request import ChatRequest, build_chat_request
 from .stats import Stats
 from .tiers.memory import MemoryTier
 from .tiers.pubsub import Subscriber
-from .tiers.redis import RedisTier, connect, validate_namespace
+from .tiers.redis import HotKeys, RedisTier, connect, validate_namespace
 from .upstream import OpenAIUpstream, Upstream, parse_response, upstream_scope
 
 if TYPE_CHECKING:
@@ -234,6 +234,9 @@ class LLMCache:
         on_wait_timeout: Literal["raise", "upstream"] = "raise",
         xfetch_beta: float = 1.0,
         max_refreshes: int = 64,
+        hot_hits: int = 10,
+        hot_window: Seconds = 60.0,
+        hot_max_age: Seconds = 86_400.0,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -280,6 +283,7 @@ class LLMCache:
                 timeout=timeout,
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
+                hot=self._hot_keys(hot_hits, hot_window, hot_max_age),
             )
         if on_wait_timeout not in ("raise", "upstream"):
             raise ConfigurationError(
@@ -315,6 +319,16 @@ class LLMCache:
         self._state = _NEW
         self._open_lock: asyncio.Lock | None = None
         self._closed_event: asyncio.Event | None = None
+
+    def _hot_keys(self, hits: int, window: Seconds, max_age: Seconds) -> HotKeys | None:
+        if _count(hits, "hot_hits") == 0:
+            return None
+        return HotKeys(
+            hits=hits,
+            window_ms=round((_seconds(window, "hot_window", positive=True) or 0.0) * 1000),
+            extend_ms=round((self._ttl + self._stale_ttl) * 1000),
+            max_age_ms=round((_seconds(max_age, "hot_max_age", positive=True) or 0.0) * 1000),
+        )
 
     # -- construction from the environment ---------------------------------
 

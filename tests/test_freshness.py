@@ -137,3 +137,43 @@ async def test_per_request_stale_window(cache: LLMCache, redis_server: RedisServ
     finally:
         await r.aclose()
     assert 140_000 < pttl <= 150_000
+
+
+async def _pttl(redis_server: RedisServer, namespace: str, key: str) -> int:
+    r = aioredis.Redis.from_url(redis_server.url)
+    try:
+        return int(await r.pttl(f"alc:{namespace}:0:e:{{{key}}}"))
+    finally:
+        await r.aclose()
+
+
+async def test_a_hot_key_slides_and_a_cold_one_ages_out(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    c = make_cache(ttl=1.0, stale_ttl=1.0, hot_hits=3, memory_max_entries=0, xfetch_beta=0)
+    hot = await c.complete(user("hot"))
+    cold = await c.complete(user("cold"))
+    await asyncio.sleep(0.5)  # lives pass: both keys have ~1.5 s left
+    await c.complete(user("cold"))  # one read: below the threshold
+    for _ in range(3):  # the third read in the window makes it hot
+        await c.complete(user("hot"))
+    assert await _pttl(redis_server, namespace, cold.key) < 1600
+    assert await _pttl(redis_server, namespace, hot.key) > 1900  # ttl + stale_ttl from now again
+    await asyncio.sleep(1.6)  # the cold key has aged out, the hot one still has ~0.4 s
+    again = await c.complete(user("cold"))
+    assert again.source == "upstream"
+    served = await c.complete(user("hot"))
+    assert served.source == "redis" and served.response.id == hot.response.id
+
+
+async def test_a_hot_key_never_outlives_its_cap(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    c = make_cache(ttl=0.5, stale_ttl=0.5, hot_hits=1, hot_max_age=1.5, memory_max_entries=0, xfetch_beta=0)
+    first = await c.complete(user("capped"))
+    await asyncio.sleep(0.7)  # ~0.3 s of its 1 s life left
+    # a stale read that schedules no refresh (which would write a new entry)
+    assert (await c.complete(user("capped"), cache=CacheControl(no_store=True))).stale
+    pttl = await _pttl(redis_server, namespace, first.key)
+    # slid, to 1.5 s after it was written (0.8 s from now), not to 1 s from now
+    assert 600 < pttl <= 800

@@ -7,6 +7,7 @@ entry and everything else about it share one Redis Cluster slot)::
     alc:<ns>:<ver>:e:{<hash>}     entry (see :mod:`aiollmcache.entry`)
     alc:<ns>:<ver>:l:{<hash>}     lease: token of the process computing the entry
     alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done[:<entry>]", "retry" or "fail:<json>"
+    alc:<ns>:<ver>:h:{<hash>}     hits in the current window (hot keys live longer)
 
 Every Redis exception is translated here into :class:`TierUnavailableError`
 or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
@@ -21,6 +22,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
@@ -38,7 +40,7 @@ from ..errors import (
     TierUnavailableError,
 )
 
-__all__ = ["KEY_PREFIX", "RedisTier", "connect", "validate_namespace"]
+__all__ = ["KEY_PREFIX", "HotKeys", "RedisTier", "connect", "validate_namespace"]
 
 KEY_PREFIX = "alc"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -52,6 +54,36 @@ end
 return 0
 """
 
+
+# A read that also counts hits per window (KEYS[2], ARGV[1] ms) and, for a key
+# read ARGV[2] times or more in the window, extends its life to ARGV[3] ms from
+# now, but never past its creation (read from the entry's header) + ARGV[4] ms.
+# Returns {entry, PTTL in ms} or nil.
+_GET_HOT = """
+local value = redis.call('GET', KEYS[1])
+if not value then
+  return false
+end
+local hits = redis.call('INCR', KEYS[2])
+if hits == 1 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[1])
+end
+local pttl = redis.call('PTTL', KEYS[1])
+if hits >= tonumber(ARGV[2]) and #value >= 9 and string.byte(value, 5) == 0 then
+  local length = struct.unpack('>I4', value, 6)
+  local ok, header = pcall(cjson.decode, string.sub(value, 10, 9 + length))
+  if ok and type(header) == 'table' and type(header[4]) == 'number' then
+    local time = redis.call('TIME')
+    local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local target = math.min(tonumber(ARGV[3]), math.floor(header[4] * 1000 + tonumber(ARGV[4])) - now_ms)
+    if target > pttl then
+      redis.call('PEXPIRE', KEYS[1], target)
+      pttl = target
+    end
+  end
+end
+return {value, pttl}
+"""
 
 # Read the entry (unless ARGV[3] is "1": the caller rejected the one there);
 # if absent, try to take the lease; if taken, say for how long.
@@ -150,6 +182,18 @@ _HEADER_ALLOWANCE = 64 * 1024
 _ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
 
 
+@dataclass(frozen=True, slots=True)
+class HotKeys:
+    """Sliding life for hot keys: a key read ``hits`` times within ``window_ms``
+    lives ``extend_ms`` from each further read, up to ``max_age_ms`` after it was
+    written."""
+
+    hits: int
+    window_ms: int
+    extend_ms: int
+    max_age_ms: int
+
+
 class _Deadline:
     """One operation's deadline: cancels its task when it passes."""
 
@@ -229,6 +273,7 @@ class RedisTier:
         timeout: float,
         compress_above: int,
         max_entry_bytes: int,
+        hot: HotKeys | None = None,
         clock: Any = time.time,
     ) -> None:
         connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
@@ -245,6 +290,8 @@ class RedisTier:
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._acquire = client.register_script(_ACQUIRE)
+        self._get_hot = client.register_script(_GET_HOT)
+        self._hot = hot
         self._renew = client.register_script(_RENEW)
         self._commit = client.register_script(_COMMIT)
         self._abandon = client.register_script(_ABANDON)
@@ -278,6 +325,8 @@ class RedisTier:
         return version
 
     async def get(self, key: str) -> Entry | _Missing:
+        if self._hot is not None:
+            return await self._get_counting(key)
         rkey = self.entry_key(key)
         try:
             blob = await self._call("GET", self._client.get(rkey))
@@ -292,6 +341,30 @@ class RedisTier:
         if not isinstance(blob, bytes):  # only a client that decodes responses returns str
             raise CorruptEntryError("redis returned text, not bytes")
         return await self._decode(key, rkey, blob)
+
+    async def _get_counting(self, key: str) -> Entry | _Missing:
+        """GET with hit counting and sliding life for hot keys, one round trip."""
+        hot = self._hot
+        assert hot is not None
+        rkey = self.entry_key(key)
+        keys = [rkey, self._key("h", key)]
+        args = [hot.window_ms, hot.hits, hot.extend_ms, hot.max_age_ms]
+        try:
+            found = await self._call("GET", self._get_hot(keys=keys, args=args))
+        except TierUnavailableError as exc:
+            if not _is_wrongtype(exc):
+                raise
+            await self._call("UNLINK", self._client.unlink(rkey))
+            raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
+        if not found:
+            return MISSING
+        blob, pttl = found
+        if not isinstance(blob, bytes):
+            raise CorruptEntryError("redis returned text, not bytes")
+        entry = await self._decode(key, rkey, blob)
+        if pttl > 0:  # the key's life may have slid past the header's expiry
+            entry.expires_at = max(entry.expires_at, self._clock() + pttl / 1000)
+        return entry
 
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
