@@ -234,7 +234,7 @@ class LLMCache:
         on_wait_timeout: Literal["raise", "upstream"] = "raise",
         xfetch_beta: float = 1.0,
         max_refreshes: int = 64,
-        hot_hits: int = 10,
+        hot_hits: int = 0,
         hot_window: Seconds = 60.0,
         hot_max_age: Seconds = 86_400.0,
         semantic: object | None = None,

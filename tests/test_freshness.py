@@ -153,16 +153,17 @@ async def test_a_hot_key_slides_and_a_cold_one_ages_out(
     c = make_cache(ttl=1.0, stale_ttl=1.0, hot_hits=3, memory_max_entries=0, xfetch_beta=0)
     hot = await c.complete(user("hot"))
     cold = await c.complete(user("cold"))
-    await asyncio.sleep(0.5)  # lives pass: both keys have ~1.5 s left
-    await c.complete(user("cold"))  # one read: below the threshold
+    await asyncio.sleep(1.1)  # lives pass: both keys have ~0.9 s of their 2 s left
+    # stale reads that schedule no refresh (a refresh would write new entries)
+    peek = CacheControl(no_store=True)
+    assert (await c.complete(user("cold"), cache=peek)).stale  # one read: below the threshold
     for _ in range(3):  # the third read in the window makes it hot
-        await c.complete(user("hot"))
-    assert await _pttl(redis_server, namespace, cold.key) < 1600
+        assert (await c.complete(user("hot"), cache=peek)).stale
+    assert await _pttl(redis_server, namespace, cold.key) < 1000
     assert await _pttl(redis_server, namespace, hot.key) > 1900  # ttl + stale_ttl from now again
-    await asyncio.sleep(1.6)  # the cold key has aged out, the hot one still has ~0.4 s
-    again = await c.complete(user("cold"))
-    assert again.source == "upstream"
-    served = await c.complete(user("hot"))
+    await asyncio.sleep(1.0)  # the cold key has aged out, the hot one still has ~1 s
+    assert (await c.complete(user("cold"), cache=peek)).source == "upstream"
+    served = await c.complete(user("hot"), cache=peek)
     assert served.source == "redis" and served.response.id == hot.response.id
 
 
