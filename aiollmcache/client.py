@@ -34,7 +34,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .flight import RETRY, Coordinator, Flights, LeaseSettings
-from .policy import Decision, State, decide
+from .policy import Decision, State, decide, early_refresh_at
 from .request import ChatRequest, build_chat_request
 from .stats import Stats
 from .tiers.memory import MemoryTier
@@ -711,15 +711,21 @@ class LLMCache:
         self._memory.set(entry.key, entry, ttl=entry.expires_at - now, size=size)
 
     def _decide(self, entry: Entry, now: float, control: CacheControl) -> Decision:
+        early_at = entry.early_at
+        if early_at is None:
+            early_at = entry.early_at = early_refresh_at(
+                fresh_until=entry.fresh_until,
+                compute_s=entry.compute_ms / 1000,
+                beta=self._xfetch_beta,
+                u=self._draw(),
+            )
         return decide(
             created_at=entry.created_at,
             fresh_until=entry.fresh_until,
             expires_at=entry.expires_at,
-            compute_s=entry.compute_ms / 1000,
             now=now,
+            early_at=early_at,
             max_age=_control_seconds(control.max_age, None),
-            beta=self._xfetch_beta,
-            draw=self._draw,
         )
 
     def _serve(

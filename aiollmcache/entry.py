@@ -84,6 +84,7 @@ class Entry:
         "completion_tokens",
         "compute_ms",
         "created_at",
+        "early_at",
         "expires_at",
         "fresh_until",
         "key",
@@ -120,6 +121,8 @@ class Entry:
         self.tags = tags
         self._response = response
         self._text: str | None = None
+        # When this process refreshes it early: drawn on first use (policy.early_refresh_at).
+        self.early_at: float | None = None
 
     @property
     def response(self) -> ChatCompletion:

@@ -11,6 +11,8 @@ Rows, measured interleaved in one run on one Redis and one connection pool:
   (the whole ``ChatCompletion``, built from the stored JSON on first access).
 - ``complete(), memory hit``: the full call answered from the memory tier, and
   ``result.text``.
+- ``complete(), memory hit, stale``: the same for an entry past its fresh
+  window, whose refresh is in flight (as for every stale hit but the first).
 
 Also, for reference, raw GET through redis-py's default (non-blocking) pool.
 
@@ -71,7 +73,22 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
     default_pool = aioredis.Redis.from_url(url)
     raw_key = "bench:raw:{hit_latency}"
     await client.set(raw_key, raw_json)
-    memory_cache = LLMCache(upstream=upstream, model="gpt-4o-mini", namespace="bench-mem")
+    memory_cache = LLMCache(upstream=upstream, model="gpt-4o-mini", namespace="bench-mem", xfetch_beta=0)
+    # A stale entry whose refresh never ends: every read is a stale hit that
+    # finds its refresh already in flight (what stale hits are, but the first).
+    stuck = asyncio.Event()
+    first_call = True
+
+    async def stuck_upstream(params: dict[str, Any]) -> bytes:
+        nonlocal first_call
+        if not first_call:
+            await stuck.wait()
+        first_call = False
+        return raw_json
+
+    stale_cache = LLMCache(
+        upstream=stuck_upstream, model="gpt-4o-mini", ttl=0.05, stale_ttl=3600, close_timeout=0, xfetch_beta=0
+    )
     redis_cache = LLMCache(
         redis=client, upstream=upstream, model="gpt-4o-mini", namespace="bench", memory_max_entries=0
     )
@@ -80,6 +97,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         "complete(), Redis hit": [],
         "complete(), Redis hit, .response": [],
         "complete(), memory hit": [],
+        "complete(), memory hit, stale": [],
         "raw GET + orjson.loads (default pool)": [],
     }
     clock = time.perf_counter_ns
@@ -124,20 +142,31 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
                     samples[name].append(t1 - t0)
         # Memory hits in a block of their own: a few microseconds each, they
         # would otherwise measure the caches the Redis round trips just evicted.
+        await stale_cache.complete(MESSAGES)
+        await asyncio.sleep(0.06)  # past its fresh window
+        assert (await stale_cache.complete(MESSAGES)).stale
+        # Fresh and stale memory hits alternate, in a block of their own.
         memory_samples = samples["complete(), memory hit"]
+        stale_samples = samples["complete(), memory hit, stale"]
         for i in range(warmup + iterations * 5):
             t0 = clock()
             m = await memory_cache.complete(MESSAGES)
             assert m.text
             t1 = clock()
+            s = await stale_cache.complete(MESSAGES)
+            assert s.text
+            t2 = clock()
             if i >= warmup:
                 memory_samples.append(t1 - t0)
-        assert m.source == "memory"
+                stale_samples.append(t2 - t1)
+        assert m.source == "memory" and not m.stale
+        assert s.source == "memory" and s.stale
         stats = redis_cache.stats()
         assert stats["upstream_calls"] == 1 and stats["hits_redis"] >= iterations
     finally:
         await memory_cache.aclose()
         await redis_cache.aclose()
+        await stale_cache.aclose()
         await client.delete(raw_key)
         await client.aclose(close_connection_pool=True)
         await default_pool.aclose()
@@ -145,6 +174,8 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
     floor = results["raw GET + orjson.loads"]["p50_us"]
     for result in results.values():
         result["p50_vs_raw_get"] = result["p50_us"] / floor
+    stale, fresh = results["complete(), memory hit, stale"], results["complete(), memory hit"]
+    stale["p50_vs_fresh_hit"] = stale["p50_us"] / fresh["p50_us"]
     return {"iterations": iterations, "response_bytes": len(raw_json), "results": results}
 
 
@@ -172,6 +203,8 @@ def main() -> None:
     ]
     print(f"{args.iterations} interleaved iterations, response {report['response_bytes']} bytes\n")
     print_table(("path", "p50 us", "p90 us", "p99 us", "p50 vs raw GET"), rows)
+    ratio = report["results"]["complete(), memory hit, stale"]["p50_vs_fresh_hit"]
+    print(f"\nstale memory hit p50 / fresh memory hit p50: {ratio:.2f}x")
     print(f"\nwrote {write_json('hit_latency', report, args.json)}")
 
 

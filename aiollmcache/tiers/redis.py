@@ -71,7 +71,8 @@ end
 local pttl = redis.call('PTTL', KEYS[1])
 -- Extend only once less than half the target life is left: the header is
 -- decoded once in a while, not on every read of a hot key.
-if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and #value >= 9 and string.byte(value, 5) == 0 then
+local uncompressed = #value >= 9 and string.byte(value, 5) == 0
+if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and uncompressed then
   local length = struct.unpack('>I4', value, 6)
   local ok, header = pcall(cjson.decode, string.sub(value, 10, 9 + length))
   if ok and type(header) == 'table' and type(header[4]) == 'number' then
