@@ -331,19 +331,22 @@ class RedisTier:
         if self._hot is not None:
             return await self._get_counting(key)
         rkey = self.entry_key(key)
-        try:
-            blob = await self._call("GET", self._client.get(rkey))
-        except TierUnavailableError as exc:
-            if not _is_wrongtype(exc):
-                raise
-            # Not a string: foreign data at our key.
-            await self._call("UNLINK", self._client.unlink(rkey))
-            raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
+        blob = await self._read(rkey, self._client.get(rkey))
         if blob is None:
             return MISSING
         if not isinstance(blob, bytes):  # only a client that decodes responses returns str
             raise CorruptEntryError("redis returned text, not bytes")
         return await self._decode(key, rkey, blob)
+
+    async def _read(self, rkey: str, command: Awaitable[T]) -> T:
+        """Read an entry key; a value of another type there is foreign data."""
+        try:
+            return await self._call("GET", command)
+        except TierUnavailableError as exc:
+            if not _is_wrongtype(exc):
+                raise
+            await self._call("UNLINK", self._client.unlink(rkey))
+            raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
 
     async def _get_counting(self, key: str) -> Entry | _Missing:
         """GET with hit counting and sliding life for hot keys, one round trip."""
@@ -352,13 +355,7 @@ class RedisTier:
         rkey = self.entry_key(key)
         keys = [rkey, self._key("h", key)]
         args = [hot.window_ms, hot.hits, hot.extend_ms, hot.max_age_ms]
-        try:
-            found = await self._call("GET", self._get_hot(keys=keys, args=args))
-        except TierUnavailableError as exc:
-            if not _is_wrongtype(exc):
-                raise
-            await self._call("UNLINK", self._client.unlink(rkey))
-            raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
+        found = await self._read(rkey, self._get_hot(keys=keys, args=args))
         if not found:
             return MISSING
         blob, pttl = found
