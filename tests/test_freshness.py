@@ -159,7 +159,7 @@ async def test_a_hot_key_slides_and_a_cold_one_ages_out(
     for _ in range(3):  # the third read in the window makes it hot
         assert (await c.complete(user("hot"), cache=peek)).stale
     assert await _pttl(redis_server, namespace, cold.key) < 1000
-    assert await _pttl(redis_server, namespace, hot.key) > 1900  # ttl + stale_ttl from now again
+    assert await _pttl(redis_server, namespace, hot.key) > 1500  # ttl + stale_ttl (2 s) from now again
     await asyncio.sleep(1.0)  # the cold key has aged out, the hot one still has ~1 s
     assert (await c.complete(user("cold"), cache=peek)).source == "upstream"
     served = await c.complete(user("hot"), cache=peek)
@@ -175,5 +175,6 @@ async def test_a_hot_key_never_outlives_its_cap(
     # a stale read that schedules no refresh (which would write a new entry)
     assert (await c.complete(user("capped"), cache=CacheControl(no_store=True))).stale
     pttl = await _pttl(redis_server, namespace, first.key)
-    # slid, to 1.5 s after it was written (0.8 s from now), not to 1 s from now
-    assert 600 < pttl <= 800
+    # slid (unslid: ~0.3 s left), to 1.5 s after it was written (0.8 s from now),
+    # not to a full second from now
+    assert 500 < pttl <= 800
