@@ -196,18 +196,31 @@ class LLMCache:
 
     Guarantees:
 
-    - Concurrent identical requests in one process cost one upstream call; a
-      cancelled caller never cancels the call others wait on.
+    - Concurrent identical requests cost one upstream call, in a process and
+      across processes sharing the Redis (a lease per key, waiters woken by
+      pub/sub); a cancelled caller never cancels the call others wait on.
     - An answer is stored only when the upstream call succeeded and returned a
-      valid chat completion; errors reach every waiting caller unchanged.
+      valid chat completion; the SDK's errors reach every waiting caller in
+      this process unchanged (``RemoteUpstreamError`` in other processes).
     - Bytes in Redis that are not a valid entry for the key are a miss (removed,
       counted), never an exception.
+    - Past ``ttl`` and within ``stale_ttl`` an answer is served at once
+      (``stale=True``) while one background refresh per key replaces it.
     - When Redis fails, calls are answered from memory and the model; failures
       are counted in ``stats()`` and logged at most every few seconds.
 
     Not guaranteed: entries written in Redis by other processes are not pushed
     into this process's memory tier, so one process may serve its memory copy
-    until that copy's fresh window ends.
+    until that copy is stale or expired.
+
+    Settings (keyword-only; times in seconds or ``timedelta``): ``ttl``,
+    ``stale_ttl``; ``memory_max_entries`` (0 disables the memory tier),
+    ``memory_max_bytes``; ``max_entry_bytes`` (larger answers are not stored),
+    ``compress_above``; ``redis_timeout`` (budget of every Redis operation),
+    ``redis_max_connections``; ``close_timeout``; single-flight: ``lease_ttl``,
+    ``lease_max_lifetime``, ``max_wait``, ``on_wait_timeout``; freshness:
+    ``xfetch_beta`` (0: no early refresh), ``max_refreshes``, ``hot_hits``
+    (0: off), ``hot_window``, ``hot_max_age``. See the README and ``docs/``.
     """
 
     def __init__(
