@@ -56,6 +56,7 @@ Seconds = float | timedelta
 _MEMORY_SIZE_FACTOR: Final = 4
 _MEMORY_ENTRY_OVERHEAD: Final = 512
 _VERSION_RETRY_INTERVAL: Final = 1.0
+_DRAW_MASK: Final = 2**52 - 1
 
 
 def _seconds(
@@ -288,6 +289,8 @@ class LLMCache:
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url: {exc}") from exc
         self._redis: RedisTier | None = None
+        hot_keys = self._hot_keys(hot_hits, hot_window, hot_max_age)
+        self._hot_sliding = redis is not None and hot_keys is not None
         if redis is not None:
             self._redis = RedisTier(
                 redis,
@@ -296,7 +299,7 @@ class LLMCache:
                 timeout=timeout,
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
-                hot=self._hot_keys(hot_hits, hot_window, hot_max_age),
+                hot=hot_keys,
             )
         if on_wait_timeout not in ("raise", "upstream"):
             raise ConfigurationError(
@@ -315,7 +318,7 @@ class LLMCache:
         ):
             raise ConfigurationError(f"xfetch_beta: expected a finite number >= 0, got {xfetch_beta!r}")
         self._xfetch_beta = float(xfetch_beta)
-        self._draw = random.Random().random
+        self._seed = random.getrandbits(64)
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
         self._refreshing: set[str] = set()
         self._version_retry_at = 0.0
@@ -577,9 +580,14 @@ class LLMCache:
             # The shared task was cancelled (the cache is closing).
             raise CacheClosedError("this LLMCache was closed while the request was in flight")
         entry, source, remote = outcome
+        now = time.time()
+        if source is Source.UPSTREAM:  # computed here, for this caller
+            return self._result(entry, source, now)
         if remote:
             self._stats.coalesced_remote += 1
-        return self._result(entry, source, time.time(), coalesced=remote, saved=remote)
+        # Found in Redis, or computed by another process: served as any hit.
+        decision = self._decide(entry, now, control)
+        return self._serve(entry, source, now, decision, (request, control, upstream), coalesced=remote)
 
     async def _redis_get(self, key: str, control: CacheControl, now: float) -> tuple[Entry, Decision] | None:
         """The entry in Redis if it may be served, with what to do about it."""
@@ -635,7 +643,7 @@ class LLMCache:
             return await self._call_upstream(request, control, upstream)
 
         try:
-            entry, remote = await coordinator.run(
+            entry, origin = await coordinator.run(
                 request.key,
                 compute,
                 self._encode_for_redis,
@@ -651,7 +659,9 @@ class LLMCache:
                 raise
             return await self._compute(request, control, upstream), Source.UPSTREAM, False
         self._remember(entry, time.time())
-        return entry, (Source.REDIS if remote else Source.UPSTREAM), remote
+        if origin == "computed":
+            return entry, Source.UPSTREAM, False
+        return entry, Source.REDIS, origin == "waited"
 
     async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         """Call upstream and store the answer (unless ``no_store``), without a lease."""
@@ -720,8 +730,10 @@ class LLMCache:
         if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes:
             return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
-        # Kept until hard expiry: a stale answer is served from memory too.
-        self._memory.set(entry.key, entry, ttl=entry.expires_at - now, size=size)
+        # Kept until hard expiry: a stale answer is served from memory too. With
+        # hot keys on, only while fresh: stale reads go to Redis, to be counted.
+        until = entry.fresh_until if self._hot_sliding else entry.expires_at
+        self._memory.set(entry.key, entry, ttl=until - now, size=size)
 
     def _decide(self, entry: Entry, now: float, control: CacheControl) -> Decision:
         early_at = entry.early_at
@@ -730,12 +742,14 @@ class LLMCache:
                 fresh_until=entry.fresh_until,
                 compute_s=entry.compute_ms / 1000,
                 beta=self._xfetch_beta,
-                u=self._draw(),
+                # One draw per entry and process, whichever object this read
+                # decoded: the same (key, created_at) always draws the same u.
+                u=(hash((self._seed, entry.key, entry.created_at)) & _DRAW_MASK) / (_DRAW_MASK + 1),
             )
         return decide(
             created_at=entry.created_at,
             fresh_until=entry.fresh_until,
-            expires_at=entry.expires_at,
+            expires_at=max(entry.expires_at, entry.slid_until),
             now=now,
             early_at=early_at,
             max_age=_control_seconds(control.max_age, None),
@@ -787,6 +801,13 @@ class LLMCache:
         # lease (the entry in Redis, no newer than ``current``, does not count as
         # an answer) and the others wait for its answer, so the fleet makes one
         # upstream call per refresh.
+        # The new answer gets the windows and tags the entry had, whatever the
+        # caller whose read started the refresh asked for its own answers.
+        control = CacheControl(
+            ttl=current.fresh_until - current.created_at,
+            stale_ttl=current.expires_at - current.fresh_until,
+            tags=current.tags,
+        )
         try:
             coordinator = self._coordinator
             if coordinator is None or self._redis is None or self._redis.version is None:

@@ -7,10 +7,11 @@ times are wall-clock (``time.time()``) seconds.
 Encoding (never pickle)::
 
     b"\\xa1LC" | format version (1 byte) | flags (1 byte) | payload
-    payload = u32 header length | header (orjson array) | response (JSON bytes)
+    payload = u32 header length | u32 CRC-32 of header and response
+              | header (orjson array) | response (JSON bytes)
 
-The header carries a CRC-32 of the response and the versions of openai and
-pydantic that validated it before it was written.
+The header carries the versions of openai and pydantic that validated the
+response before it was written.
 
 The payload is zlib-compressed (flag bit 0) when it is larger than the
 compression threshold. Anything that does not decode to a valid entry for the
@@ -39,12 +40,12 @@ _MAGIC: Final = b"\xa1LC"
 _PREFIX: Final = _MAGIC + bytes([FORMAT_VERSION])
 _FLAG_ZLIB: Final = 0x01
 _KNOWN_FLAGS: Final = _FLAG_ZLIB
-_HEADER_LEN = struct.Struct(">I")
+_HEADER_LEN = struct.Struct(">II")  # header length, CRC-32 of header and response
 _ZLIB_LEVEL: Final = 1
-# environment, checksum of the response, key, created_at, fresh_until,
-# expires_at, compute_ms, model, prompt and completion tokens, tags: a JSON
-# array, cheaper to check than an object.
-_HEADER_FIELDS: Final = 11
+# environment, key, created_at, fresh_until, expires_at, compute_ms, model,
+# prompt and completion tokens, tags: a JSON array, cheaper to check than an
+# object.
+_HEADER_FIELDS: Final = 10
 # The versions that validated a response when it was written; an entry written
 # under the same ones needs no validation to be read back.
 _ENVIRONMENT: Final = f"openai {openai.__version__}; pydantic {pydantic.VERSION}"
@@ -73,7 +74,7 @@ class Entry:
     served from this entry (treat it as read-only); ``text`` is read straight
     from the JSON when the response has not been built. An entry read from
     Redis may defer building it only because its bytes are known good: they
-    passed a checksum and were validated, when written, by the same versions
+    passed the entry's checksum and were validated, when written, by the same versions
     of openai and pydantic that would validate them now (see
     :func:`decode_entry`).
     """
@@ -91,6 +92,7 @@ class Entry:
         "model",
         "prompt_tokens",
         "raw",
+        "slid_until",
         "tags",
     )
 
@@ -123,6 +125,8 @@ class Entry:
         self._text: str | None = None
         # When this process refreshes it early: drawn on first use (policy.early_refresh_at).
         self.early_at: float | None = None
+        # How long Redis keeps it, when that was extended past expires_at (hot keys).
+        self.slid_until = 0.0
 
     @property
     def response(self) -> ChatCompletion:
@@ -137,12 +141,19 @@ class Entry:
         text = self._text
         if text is None:
             if self._response is not None:
-                first = self._response.choices[0] if self._response.choices else None
-                text = (first.message.content or "") if first is not None else ""
+                text = self._text_of(self._response)
             else:
-                text = _first_content(orjson.loads(self.raw))
+                try:
+                    text = _first_content(orjson.loads(self.raw))
+                except orjson.JSONDecodeError:  # JSON pydantic reads but orjson does not (NaN)
+                    text = self._text_of(self.response)
             self._text = text
         return text
+
+    @staticmethod
+    def _text_of(response: ChatCompletion) -> str:
+        first = response.choices[0] if response.choices else None
+        return (first.message.content or "") if first is not None else ""
 
     def age(self, now: float) -> float:
         return max(0.0, now - self.created_at)
@@ -162,7 +173,6 @@ def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
     header = orjson.dumps(
         [
             _ENVIRONMENT,
-            zlib.crc32(entry.raw),
             entry.key,
             entry.created_at,
             entry.fresh_until,
@@ -174,7 +184,8 @@ def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
             entry.tags,
         ]
     )
-    payload = _HEADER_LEN.pack(len(header)) + header + entry.raw
+    checksum = zlib.crc32(entry.raw, zlib.crc32(header))
+    payload = _HEADER_LEN.pack(len(header), checksum) + header + entry.raw
     if len(payload) > compress_above:
         return _PREFIX + bytes([_FLAG_ZLIB]) + zlib.compress(payload, _ZLIB_LEVEL)
     return _PREFIX + b"\x00" + payload
@@ -207,20 +218,22 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
     payload, start = (_decompress(blob[5:], max_bytes), 0) if flags & _FLAG_ZLIB else (blob, 5)
     if len(payload) < start + _HEADER_LEN.size:
         raise CorruptEntryError("truncated entry")
-    (header_len,) = _HEADER_LEN.unpack_from(payload, start)
+    header_len, checksum = _HEADER_LEN.unpack_from(payload, start)
     header_start = start + _HEADER_LEN.size
     header_end = header_start + header_len
     if header_end > len(payload):
         raise CorruptEntryError("truncated header")
+    view = memoryview(payload)
+    if zlib.crc32(view[header_start:]) != checksum:
+        raise CorruptEntryError("entry does not match its checksum")
     try:
-        header = orjson.loads(memoryview(payload)[header_start:header_end])
+        header = orjson.loads(view[header_start:header_end])
     except orjson.JSONDecodeError as exc:
         raise CorruptEntryError(f"bad header: {exc}") from exc
     if type(header) is not list or len(header) != _HEADER_FIELDS:
         raise CorruptEntryError("header is not a list of the expected fields")
     (
         environment,
-        checksum,
         stored_key,
         created,
         fresh_until,
@@ -235,7 +248,6 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
         raise CorruptEntryError("entry belongs to another key")
     if not (
         type(environment) is str
-        and type(checksum) is int
         and type(created) in _NUMBER
         and type(fresh_until) in _NUMBER
         and type(expires_at) in _NUMBER
@@ -248,8 +260,6 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
     ):
         raise CorruptEntryError("header fields of the wrong type")
     raw = payload[header_end:]
-    if zlib.crc32(raw) != checksum:
-        raise CorruptEntryError("stored response does not match its checksum")
     response = None
     if environment != _ENVIRONMENT:
         # Written by other versions of openai or pydantic: validate now, not on

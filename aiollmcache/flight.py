@@ -169,6 +169,8 @@ class LeaseStats:
     corrupt: int = 0
 
 
+Origin = Literal["computed", "waited", "found"]
+
 # A waiter wakes this long after the lease should have expired, so a holder
 # that died is replaced at most ttl + this after its last renewal.
 _EXPIRY_MARGIN = 0.05
@@ -231,8 +233,10 @@ class Coordinator:
         compute: Callable[[], Awaitable[Entry]],
         encode: Callable[[Entry], bytes | None],
         accept: Callable[[Entry], bool],
-    ) -> tuple[Entry, bool]:
-        """Return the entry for ``key`` and whether another process computed it.
+    ) -> tuple[Entry, Origin]:
+        """Return the entry for ``key`` and where it came from: ``"computed"``
+        here, ``"waited"`` for (computed by another process meanwhile), or
+        ``"found"`` in Redis at once.
 
         ``compute`` calls the model; ``encode`` gives the bytes to store (None:
         do not store); ``accept`` says whether an entry found in Redis may be
@@ -257,14 +261,14 @@ class Coordinator:
                 if state is True:
                     if waited:
                         self.stats.takeovers += 1
-                    return await self._hold(key, token, compute, encode), False
+                    return await self._hold(key, token, compute, encode), "computed"
                 if isinstance(state, Entry):
                     if not accept(state):
                         skip_entry = True
                         continue
                     if waited:
                         self.stats.waited += 1
-                    return state, waited
+                    return state, "waited" if waited else "found"
                 assert isinstance(state, int)
                 if subscription is None:
                     # Subscribe, then check again: "done" may have been
@@ -288,7 +292,7 @@ class Coordinator:
                     carried = self._tier.decode_notification(key, message)
                     if carried is not None and accept(carried):
                         self.stats.waited += 1
-                        return carried, True
+                        return carried, "waited"
                 # "done", "retry", a timeout or a resync: look at the entry again.
                 skip_entry = False
         finally:

@@ -58,13 +58,14 @@ def test_round_trip(content: str) -> None:
     assert decoded.response == original.response
 
 
-def _header_blob(header: object, body: bytes = completion()) -> bytes:
+def _header_blob(header: object, body: bytes = completion(), checksum: int | None = None) -> bytes:
     h = orjson.dumps(header)
-    return b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">I", len(h)) + h + body
+    crc = zlib.crc32(h + body) if checksum is None else checksum
+    return b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">II", len(h), crc) + h + body
 
 
 ENV = _ENVIRONMENT
-GOOD_HEADER = [ENV, zlib.crc32(completion()), KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, []]
+GOOD_HEADER = [ENV, KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, []]
 
 
 def header_with(index: int, value: object) -> list[object]:
@@ -92,24 +93,30 @@ VALID = encode_entry(entry(), compress_above=1 << 20)
         (VALID[:4] + b"\x01" + b"not zlib", "bad compressed payload"),
         (VALID[:4] + b"\x01" + zlib.compress(b"\0" * 100)[:-4], "truncated"),
         (_header_blob(GOOD_HEADER), None),
-        (_header_blob(header_with(2, "f" * 32)), "another key"),
-        (_header_blob(header_with(3, "yesterday")), "wrong type"),
-        (_header_blob(header_with(8, True)), "wrong type"),
-        (_header_blob(header_with(8, 1.5)), "wrong type"),
-        (_header_blob(header_with(10, [1])), "wrong type"),
-        (_header_blob(header_with(10, "tag")), "wrong type"),
-        (_header_blob(header_with(1, "crc")), "wrong type"),
+        (_header_blob(header_with(1, "f" * 32)), "another key"),
+        (_header_blob(header_with(2, "yesterday")), "wrong type"),
+        (_header_blob(header_with(7, True)), "wrong type"),
+        (_header_blob(header_with(7, 1.5)), "wrong type"),
+        (_header_blob(header_with(9, [1])), "wrong type"),
+        (_header_blob(header_with(9, "tag")), "wrong type"),
         (_header_blob(header_with(0, None)), "wrong type"),
-        (_header_blob(header_with(1, 12345)), "checksum"),
+        (_header_blob(GOOD_HEADER, checksum=12345), "checksum"),
         (_header_blob([KEY, 1.0]), "expected fields"),
         (_header_blob({"k": KEY}), "expected fields"),
-        (_header_blob(GOOD_HEADER, b'{"id": 1}'), "checksum"),
-        # written under other versions of openai/pydantic: validated at once
-        (_header_blob(["openai 0.0", zlib.crc32(completion()), *GOOD_HEADER[2:]]), None),
+        # a response swapped, or a time changed, without the checksum's knowing
         (
-            _header_blob(["openai 0.0", zlib.crc32(b'{"id": 1}'), *GOOD_HEADER[2:]], b'{"id": 1}'),
-            "not a chat completion",
+            _header_blob(
+                GOOD_HEADER, b'{"id": 1}', checksum=zlib.crc32(orjson.dumps(GOOD_HEADER) + completion())
+            ),
+            "checksum",
         ),
+        (
+            _header_blob(header_with(3, 9e9), checksum=zlib.crc32(orjson.dumps(GOOD_HEADER) + completion())),
+            "checksum",
+        ),
+        # written under other versions of openai/pydantic: validated at once
+        (_header_blob(["openai 0.0", *GOOD_HEADER[1:]]), None),
+        (_header_blob(["openai 0.0", *GOOD_HEADER[1:]], b'{"id": 1}'), "not a chat completion"),
     ],
 )
 def test_invalid_bytes_are_corrupt(blob: bytes, reason: str | None) -> None:
@@ -135,3 +142,13 @@ def test_same_versions_defer_building_the_response() -> None:
     assert decoded._response is None  # text needs no ChatCompletion
     assert decoded.response.usage is not None
     assert decoded.response is decoded.response  # built once, then shared
+
+
+def test_text_survives_json_that_only_pydantic_reads() -> None:
+    # pydantic accepts NaN/Infinity in a response; orjson does not.
+    raw = completion().replace(b'"model":"m"', b'"model":"m","x_score":-Infinity')
+    header = orjson.dumps(GOOD_HEADER)
+    blob = b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">II", len(header), zlib.crc32(header + raw))
+    decoded = decode_entry(blob + header + raw, KEY, max_bytes=1 << 20)
+    assert decoded.text == "Hello"
+    assert "Entry(" in repr(decoded)

@@ -178,3 +178,42 @@ async def test_a_hot_key_never_outlives_its_cap(
     # slid (unslid: ~0.3 s left), to 1.5 s after it was written (0.8 s from now),
     # not to a full second from now
     assert 500 < pttl <= 800
+
+
+async def test_a_refresh_keeps_the_windows_the_entry_had(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    writer = make_cache(ttl=0.3, stale_ttl=60)
+    first = await writer.complete(user("windows kept"))
+    await asyncio.sleep(0.35)
+    # a caller asking short windows for its own answers starts the refresh...
+    short = CacheControl(ttl=0.2, stale_ttl=0)
+    reader = make_cache(ttl=0.3, stale_ttl=60)
+    assert (await reader.complete(user("windows kept"), cache=short)).stale
+    await reader.aclose()
+    # ...but the refreshed entry keeps the entry's own 0.3 s + 60 s
+    pttl = await _pttl(redis_server, namespace, first.key)
+    assert 59_000 < pttl <= 60_300
+
+
+async def test_hot_keys_are_counted_with_the_memory_tier_on(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    c = make_cache(ttl=0.5, stale_ttl=0.5, hot_hits=2, xfetch_beta=0)
+    first = await c.complete(user("hot in memory"))
+    await asyncio.sleep(0.6)  # stale: with hot keys on, memory no longer answers for it
+    peek = CacheControl(no_store=True)
+    for _ in range(2):
+        served = await c.complete(user("hot in memory"), cache=peek)
+        assert (served.source, served.stale) == ("redis", True)
+    assert await _pttl(redis_server, namespace, first.key) > 700  # slid: ~0.4 s left unslid
+
+
+async def test_sliding_never_makes_an_entry_without_a_stale_window_stale(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+) -> None:
+    c = make_cache(ttl=1.0, stale_ttl=1.0, hot_hits=1, memory_max_entries=0, xfetch_beta=0)
+    first = await c.complete(user("never stale"), cache=CacheControl(ttl=0.5, stale_ttl=0))
+    await asyncio.sleep(0.3)
+    await c.complete(user("never stale"))
+    assert await _pttl(redis_server, namespace, first.key) <= 200  # not extended

@@ -56,8 +56,13 @@ return 0
 
 
 # A read that also counts hits per window (KEYS[2], ARGV[1] ms) and, for a key
-# read ARGV[2] times or more in the window, extends its life to ARGV[3] ms from
-# now, but never past its creation (read from the entry's header) + ARGV[4] ms.
+# read ARGV[2] times or more in the window, extends its life to its own
+# ttl + stale_ttl from now, but never past its creation + ARGV[4] ms. Those
+# times come from the entry's header (see aiollmcache.entry: flags at byte 5,
+# the header's length at 6, the header, a JSON array, from byte 14). An entry
+# without a stale window is not extended: it must not be served stale.
+# ARGV[3] is the longest life an entry may have; the header is decoded only
+# when less than half of it is left, not on every read of a hot key.
 # Returns {entry, PTTL in ms} or nil.
 _GET_HOT = """
 local value = redis.call('GET', KEYS[1])
@@ -69,16 +74,16 @@ if hits == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 local pttl = redis.call('PTTL', KEYS[1])
--- Extend only once less than half the target life is left: the header is
--- decoded once in a while, not on every read of a hot key.
-local uncompressed = #value >= 9 and string.byte(value, 5) == 0
+local uncompressed = #value >= 13 and string.byte(value, 5) == 0
 if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and uncompressed then
   local length = struct.unpack('>I4', value, 6)
-  local ok, header = pcall(cjson.decode, string.sub(value, 10, 9 + length))
-  if ok and type(header) == 'table' and type(header[4]) == 'number' then
+  local ok, header = pcall(cjson.decode, string.sub(value, 14, 13 + length))
+  if ok and type(header) == 'table' and type(header[3]) == 'number'
+      and type(header[4]) == 'number' and type(header[5]) == 'number' and header[5] > header[4] then
     local time = redis.call('TIME')
     local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    local target = math.min(tonumber(ARGV[3]), math.floor(header[4] * 1000 + tonumber(ARGV[4])) - now_ms)
+    local life = math.floor((header[5] - header[3]) * 1000)
+    local target = math.min(life, math.floor(header[3] * 1000 + tonumber(ARGV[4])) - now_ms)
     if target > pttl then
       redis.call('PEXPIRE', KEYS[1], target)
       pttl = target
@@ -363,7 +368,7 @@ class RedisTier:
             raise CorruptEntryError("redis returned text, not bytes")
         entry = await self._decode(key, rkey, blob)
         if pttl > 0:  # the key's life may have slid past the header's expiry
-            entry.expires_at = max(entry.expires_at, self._clock() + pttl / 1000)
+            entry.slid_until = self._clock() + pttl / 1000
         return entry
 
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
