@@ -520,7 +520,7 @@ class LLMCache:
         key = request.key
         if control.no_cache:
             entry = await self._compute(request, control, upstream)
-            return self._result(entry, Source.UPSTREAM, time.time())
+            return self._computed(entry)
         # Refreshing a stale answer stores it: not on behalf of a no_store request.
         refresh = None if control.no_store else (request, control, upstream)
         while True:
@@ -546,7 +546,7 @@ class LLMCache:
                     self._stats.coalesced += 1
                     return self._serve(entry, source, now, decision, refresh, coalesced=True)
                 entry = await self._compute(request, control, upstream)
-                return self._result(entry, Source.UPSTREAM, time.time())
+                return self._computed(entry)
 
             if control.no_store:
                 # Never lead a flight others would take as a stored answer.
@@ -554,7 +554,7 @@ class LLMCache:
                 if found is not None:
                     return self._serve(found[0], Source.REDIS, now, found[1], None)
                 entry = await self._compute(request, control, upstream)
-                return self._result(entry, Source.UPSTREAM, time.time())
+                return self._computed(entry)
 
             return await self._lead(request, control, upstream, now)
 
@@ -582,7 +582,7 @@ class LLMCache:
         entry, source, remote = outcome
         now = time.time()
         if source is Source.UPSTREAM:  # computed here, for this caller
-            return self._result(entry, source, now)
+            return self._computed(entry)
         if remote:
             self._stats.coalesced_remote += 1
         # Found in Redis, or computed by another process: served as any hit.
@@ -829,19 +829,10 @@ class LLMCache:
         finally:
             self._refreshing.discard(current.key)
 
-    def _result(
-        self,
-        entry: Entry,
-        source: Source,
-        now: float,
-        *,
-        coalesced: bool = False,
-        saved: bool = False,
-    ) -> CacheResult:
-        if saved:
-            self._stats.tokens_saved_prompt += entry.prompt_tokens
-            self._stats.tokens_saved_completion += entry.completion_tokens
-        return CacheResult(entry, source, entry.age(now), coalesced)
+    @staticmethod
+    def _computed(entry: Entry) -> CacheResult:
+        """The result for the caller whose request this process just computed."""
+        return CacheResult(entry, Source.UPSTREAM, entry.age(time.time()))
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Start new work owned by the cache; refused once the cache is closing."""
