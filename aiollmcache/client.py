@@ -801,14 +801,14 @@ class LLMCache:
         # lease (the entry in Redis, no newer than ``current``, does not count as
         # an answer) and the others wait for its answer, so the fleet makes one
         # upstream call per refresh.
-        # The new answer gets the windows and tags the entry had, whatever the
-        # caller whose read started the refresh asked for its own answers.
-        control = CacheControl(
-            ttl=current.fresh_until - current.created_at,
-            stale_ttl=current.expires_at - current.fresh_until,
-            tags=current.tags,
-        )
         try:
+            # The new answer gets the windows and tags the entry had, whatever
+            # the caller whose read started the refresh asked for its own.
+            control = CacheControl(
+                ttl=current.fresh_until - current.created_at,
+                stale_ttl=max(0.0, current.expires_at - current.fresh_until),
+                tags=current.tags,
+            )
             coordinator = self._coordinator
             if coordinator is None or self._redis is None or self._redis.version is None:
                 await self._compute(request, control, upstream)
