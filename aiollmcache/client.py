@@ -522,7 +522,7 @@ class LLMCache:
             entry = await self._compute(request, control, upstream)
             return self._computed(entry)
         # Refreshing a stale answer stores it: not on behalf of a no_store request.
-        refresh = None if control.no_store else (request, control, upstream)
+        refresh = None if control.no_store else (request, upstream)
         while True:
             now = time.time()
             cached = self._memory.get(key)
@@ -568,7 +568,7 @@ class LLMCache:
             if found is not None:
                 entry, decision = found
                 self._flights.settle(key, flight, (entry, Source.REDIS, False))
-                return self._serve(entry, Source.REDIS, now, decision, (request, control, upstream))
+                return self._serve(entry, Source.REDIS, now, decision, (request, upstream))
             task = self._spawn(self._fill(request, control, upstream))
             self._flights.follow_task(key, flight, task)
         except BaseException:
@@ -587,7 +587,7 @@ class LLMCache:
             self._stats.coalesced_remote += 1
         # Found in Redis, or computed by another process: served as any hit.
         decision = self._decide(entry, now, control)
-        return self._serve(entry, source, now, decision, (request, control, upstream), coalesced=remote)
+        return self._serve(entry, source, now, decision, (request, upstream), coalesced=remote)
 
     async def _redis_get(self, key: str, control: CacheControl, now: float) -> tuple[Entry, Decision] | None:
         """The entry in Redis if it may be served, with what to do about it."""
@@ -761,7 +761,7 @@ class LLMCache:
         source: Source,
         now: float,
         decision: Decision,
-        refresh: tuple[ChatRequest, CacheControl, Upstream] | None,
+        refresh: tuple[ChatRequest, Upstream] | None,
         *,
         coalesced: bool = False,
     ) -> CacheResult:
@@ -775,9 +775,7 @@ class LLMCache:
         self._stats.tokens_saved_completion += entry.completion_tokens
         return CacheResult(entry, source, entry.age(now), coalesced, stale)
 
-    def _schedule_refresh(
-        self, entry: Entry, request: ChatRequest, control: CacheControl, upstream: Upstream
-    ) -> None:
+    def _schedule_refresh(self, entry: Entry, request: ChatRequest, upstream: Upstream) -> None:
         """Start a background refresh of ``entry``: one per key in this process,
         at most ``max_refreshes`` at once (beyond that, skipped and counted)."""
         key = entry.key
@@ -789,14 +787,12 @@ class LLMCache:
         self._refreshing.add(key)
         self._stats.refreshes += 1
         try:
-            self._spawn(self._refresh(entry, request, control, upstream))
+            self._spawn(self._refresh(entry, request, upstream))
         except BaseException:
             self._refreshing.discard(key)
             raise
 
-    async def _refresh(
-        self, current: Entry, request: ChatRequest, control: CacheControl, upstream: Upstream
-    ) -> None:
+    async def _refresh(self, current: Entry, request: ChatRequest, upstream: Upstream) -> None:
         # Across processes this is one more flight: the first process takes the
         # lease (the entry in Redis, no newer than ``current``, does not count as
         # an answer) and the others wait for its answer, so the fleet makes one
