@@ -320,7 +320,7 @@ class LLMCache:
         self._xfetch_beta = float(xfetch_beta)
         self._seed = random.getrandbits(64)
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
-        self._refreshing: set[str] = set()
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._version_retry_at = 0.0
         self._subscriber: Subscriber | None = None
         self._coordinator: Coordinator | None = None
@@ -637,6 +637,14 @@ class LLMCache:
         when Redis is there, else in this process."""
         coordinator = self._coordinator
         if coordinator is None or self._redis is None or self._redis.version is None:
+            refreshing = self._refreshing.get(request.key)
+            if refreshing is not None:
+                # Without Redis nothing else stops a second call: a refresh of
+                # this key is already asking the model, and its answer will do.
+                await asyncio.shield(refreshing)
+                found = self._memory.get(request.key)
+                if found is not MISSING and self._decide(found, time.time(), control).servable:
+                    return found, Source.UPSTREAM, False
             return await self._compute(request, control, upstream), Source.UPSTREAM, False
 
         async def compute() -> Entry:
@@ -784,13 +792,8 @@ class LLMCache:
         if len(self._refreshing) >= self._max_refreshes:
             self._stats.refreshes_skipped += 1
             return
-        self._refreshing.add(key)
+        self._refreshing[key] = self._spawn(self._refresh(entry, request, upstream))
         self._stats.refreshes += 1
-        try:
-            self._spawn(self._refresh(entry, request, upstream))
-        except BaseException:
-            self._refreshing.discard(key)
-            raise
 
     async def _refresh(self, current: Entry, request: ChatRequest, upstream: Upstream) -> None:
         # Across processes this is one more flight: the first process takes the
@@ -823,7 +826,7 @@ class LLMCache:
             self._stats.refresh_errors += 1
             self._log.warning("refresh", "background refresh failed: %s: %s", type(exc).__name__, exc)
         finally:
-            self._refreshing.discard(current.key)
+            self._refreshing.pop(current.key, None)
 
     @staticmethod
     def _computed(entry: Entry) -> CacheResult:

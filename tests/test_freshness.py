@@ -217,3 +217,19 @@ async def test_sliding_never_makes_an_entry_without_a_stale_window_stale(
     await asyncio.sleep(0.3)
     await c.complete(user("never stale"))
     assert await _pttl(redis_server, namespace, first.key) <= 200  # not extended
+
+
+async def test_without_redis_an_expired_key_waits_for_its_refresh(fake: FakeOpenAI) -> None:
+    client = fake.client()
+    try:
+        async with LLMCache(openai=client, model="test-model", ttl=0.2, stale_ttl=0.2, xfetch_beta=0) as c:
+            first = await c.complete(user("refresh in flight"))
+            await asyncio.sleep(0.25)  # stale
+            fake.latency = 0.5
+            assert (await c.complete(user("refresh in flight"))).stale  # starts the refresh
+            await asyncio.sleep(0.2)  # expired now, while the refresh still waits on the model
+            after = await c.complete(user("refresh in flight"))
+            assert not after.stale and after.response.id != first.response.id
+        assert fake.calls("refresh in flight") == 2  # the first answer and the refresh, no third
+    finally:
+        await client.close()
