@@ -79,7 +79,6 @@ class Subscriber:
         self._lock = asyncio.Lock()
         self._closed = False
         self._log = RateLimitedLogger()
-        self.reconnects = 0
 
     async def subscribe(self, channel: str) -> Subscription:
         """Subscribe ``channel``; returns once Redis has confirmed.
@@ -131,7 +130,6 @@ class Subscriber:
     async def _on_connect(self, connection: Any) -> None:
         # Called by redis-py after every (re)connection, once it has
         # resubscribed: anything published meanwhile is lost.
-        self.reconnects += 1
         self._resync()
 
     def _resync(self) -> None:

@@ -21,7 +21,7 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -282,7 +282,7 @@ class RedisTier:
         compress_above: int,
         max_entry_bytes: int,
         hot: HotKeys | None = None,
-        clock: Any = time.time,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
         if connection_kwargs.get("decode_responses"):
@@ -403,6 +403,9 @@ class RedisTier:
             await self._call("RENEW", self._renew(keys=[self.lease_key(key)], args=[token, lease_ms]))
         )
 
+    def _remaining_ms(self, entry: Entry) -> int:
+        return max(1, math.ceil((entry.expires_at - self._clock()) * 1000))
+
     def storable(self, entry: Entry) -> bool:
         """Whether ``set``/``commit`` would store it (not expired, not too large)."""
         return entry.expires_at > self._clock() and len(entry.raw) <= self._max_entry_bytes
@@ -410,7 +413,7 @@ class RedisTier:
     async def commit(self, entry: Entry, blob: bytes, token: str) -> bool:
         """Store ``blob``, release the lease and notify waiters, only if ``token``
         holds the lease. Returns whether it did. Check :meth:`storable` first."""
-        ttl_ms = max(1, math.ceil((entry.expires_at - self._clock()) * 1000))
+        ttl_ms = self._remaining_ms(entry)
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
         inline = "1" if len(blob) <= _INLINE_NOTIFICATION_BYTES else "0"
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
@@ -430,9 +433,6 @@ class RedisTier:
         """Release the lease without an entry and publish ``message`` to waiters."""
         args: list[str | bytes] = [token, self.channel(key), message]
         return bool(await self._call("ABANDON", self._abandon(keys=[self.lease_key(key)], args=args)))
-
-    def pubsub(self) -> aioredis.client.PubSub:
-        return self._client.pubsub()
 
     async def _call(self, op: str, command: Awaitable[T]) -> T:
         """Await one command within the time budget, translating Redis errors.
@@ -462,16 +462,12 @@ class RedisTier:
         Returns False (nothing written) when the entry has already expired or
         is larger than the size limit.
         """
-        ttl_ms = math.ceil((entry.expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0 or len(entry.raw) > self._max_entry_bytes:
+        if not self.storable(entry):
             return False
+        ttl_ms = self._remaining_ms(entry)
         rkey = self.entry_key(entry.key)
         await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
         return True
-
-    async def delete(self, key: str) -> bool:
-        rkey = self.entry_key(key)
-        return bool(await self._call("UNLINK", self._client.unlink(rkey)))
 
     async def aclose(self) -> None:
         if self._owns_client:
