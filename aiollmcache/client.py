@@ -13,8 +13,9 @@ import enum
 import math
 import os
 import random
+import secrets
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -34,8 +35,17 @@ from .errors import (
     WaitTimeoutError,
 )
 from .flight import RETRY, Coordinator, Flights, LeaseSettings
+from .invalidation import (
+    Invalidation,
+    InvalidationBus,
+    InvalidationKind,
+    Pattern,
+    retire,
+    validate_key,
+    validate_tag,
+)
 from .policy import Decision, State, decide, early_refresh_at
-from .request import ChatRequest, build_chat_request
+from .request import ChatRequest, build_chat_request, system_text
 from .stats import Stats
 from .tiers.memory import MemoryTier
 from .tiers.pubsub import Subscriber
@@ -251,6 +261,7 @@ class LLMCache:
         hot_hits: int = 0,
         hot_window: Seconds = 60.0,
         hot_max_age: Seconds = 86_400.0,
+        sync_interval: Seconds = 1.0,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -322,6 +333,11 @@ class LLMCache:
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._version_retry_at = 0.0
+        self._sync_interval = _seconds(sync_interval, "sync_interval", positive=True) or 0.0
+        self._epoch = 0  # bumped by every invalidation applied here
+        self._origin = secrets.token_hex(8)
+        self._bus: InvalidationBus | None = None
+        self._listeners: list[Callable[[Invalidation], object]] = []
         self._subscriber: Subscriber | None = None
         self._coordinator: Coordinator | None = None
         self._redis_timeout = timeout
@@ -409,7 +425,14 @@ class LLMCache:
                 self._coordinator = Coordinator(
                     self._redis, self._subscriber, self._lease_settings, self._spawn_cleanup
                 )
-                await self._load_version()
+                self._bus = InvalidationBus(
+                    self._redis,
+                    self._subscriber,
+                    interval=self._sync_interval,
+                    origin=self._origin,
+                    apply=self._apply,
+                )
+                await self._bus.start()
             if self._state == _NEW:  # not closed meanwhile
                 self._state = _OPEN
 
@@ -433,6 +456,8 @@ class LLMCache:
         if self._open_lock is not None:
             async with self._open_lock:  # an open() in progress finishes first
                 pass
+        if self._bus is not None:
+            await self._bus.aclose()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
             for task in pending:
@@ -487,6 +512,131 @@ class LLMCache:
         )
         return await self._complete(request, cache, self._upstream)
 
+    def key_for(
+        self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, **params: Any
+    ) -> str:
+        """The cache key of a request, as ``complete()`` would compute it (no I/O):
+        what ``invalidate(key=...)`` takes."""
+        if model is not None:
+            params["model"] = model
+        return build_chat_request(
+            messages, params, default_model=self._model, upstream_scope=self._upstream_scope
+        ).key
+
+    async def invalidate(
+        self,
+        *,
+        key: str | None = None,
+        tag: str | None = None,
+        pattern: Pattern | None = None,
+        everything: bool = False,
+    ) -> int | None:
+        """Retire cached answers in Redis and in every process's memory tier.
+
+        Give exactly one of: ``key`` (a cache key, as ``CacheResult.key`` or
+        :meth:`key_for`), ``tag`` (answers stored with ``CacheControl(tags=...)``),
+        ``pattern`` (a :class:`Pattern` on the request's model, system prompt
+        or key) or ``everything=True`` (the whole namespace, by a version bump).
+
+        Returns how many entries were deleted from Redis (from this process's
+        memory tier when the cache has no Redis), or None for ``everything``.
+        When it returns, this process serves none of them and every other
+        process is being told; see ``docs/invalidation.md`` for how soon they
+        stop. Raises :class:`InvalidRequestError` before any I/O for bad
+        arguments, and :class:`TierError` when Redis fails: the invalidation
+        may then be partly done (this process's memory tier is cleared of what
+        it names regardless); call it again.
+        """
+        invalidation = self._invalidation(key, tag, pattern, everything)
+        if self._state != _OPEN:
+            await self.open()
+        self._stats.invalidations += 1
+        tier, bus = self._redis, self._bus
+        if tier is None or bus is None:
+            return self._apply(invalidation)
+        count: int | None = None
+        try:
+            if tier.version is None:
+                await tier.load_version()
+            if invalidation.kind is InvalidationKind.EVERYTHING:
+                version = await tier.bump_version()
+                invalidation = Invalidation(InvalidationKind.EVERYTHING, version=version)
+            else:
+                count = await retire(tier, invalidation)
+        finally:
+            self._apply(invalidation)  # after Redis: a refill from there finds nothing
+        await bus.publish(invalidation)
+        return count
+
+    @staticmethod
+    def _invalidation(key: object, tag: object, pattern: object, everything: object) -> Invalidation:
+        if not isinstance(everything, bool):
+            raise InvalidRequestError(f"everything: expected True or False, got {everything!r}")
+        named = (("key", key), ("tag", tag), ("pattern", pattern))
+        given = [name for name, value in named if value is not None]
+        if everything:
+            given.append("everything")
+        if len(given) != 1:
+            raise InvalidRequestError(
+                "invalidate: give exactly one of key=, tag=, pattern=, everything=True; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if key is not None:
+            return Invalidation(InvalidationKind.KEY, key=validate_key(key))
+        if tag is not None:
+            return Invalidation(InvalidationKind.TAG, tag=validate_tag(tag))
+        if pattern is not None:
+            if not isinstance(pattern, Pattern):
+                raise InvalidRequestError(
+                    f"pattern: expected a Pattern(model=..., system=..., key=...), got {pattern!r}"
+                )
+            return Invalidation(InvalidationKind.PATTERN, pattern=pattern)
+        return Invalidation(InvalidationKind.EVERYTHING)
+
+    async def sync(self) -> bool:
+        """Catch up with invalidations made by other processes now, instead of
+        at the next periodic check. True when every invalidation published
+        before the call has been applied here; False when Redis cannot be
+        asked (nothing to do without Redis: True)."""
+        if self._state != _OPEN:
+            await self.open()
+        if self._bus is None:
+            return True
+        return await self._bus.check()
+
+    def add_invalidation_listener(self, listener: Callable[[Invalidation], object]) -> None:
+        """Call ``listener(invalidation)`` each time this process applies one
+        (made here or elsewhere), after its memory tier has dropped what it
+        names: to drop what you derived from cached answers too. It runs on the
+        event loop and must not block; its exceptions are logged."""
+        self._listeners.append(listener)
+
+    def remove_invalidation_listener(self, listener: Callable[[Invalidation], object]) -> None:
+        self._listeners.remove(listener)
+
+    def _apply(self, invalidation: Invalidation) -> int:
+        """Drop what ``invalidation`` names from the memory tier; return how many."""
+        self._epoch += 1
+        kind = invalidation.kind
+        tier = self._redis
+        if kind is InvalidationKind.KEY:
+            assert invalidation.key is not None
+            count = int(self._memory.delete(invalidation.key))
+        elif kind is InvalidationKind.EVERYTHING or kind is InvalidationKind.RESYNC:
+            version = invalidation.version
+            if version is not None and tier is not None and (tier.version is None or version > tier.version):
+                tier.version = version
+            count = self._memory.clear()
+        else:
+            count = self._memory.evict(invalidation.matches)
+        self._stats.memory_invalidated += count
+        for listener in list(self._listeners):
+            try:
+                listener(invalidation)
+            except Exception:
+                logger.exception("invalidation listener %r failed", listener)
+        return count
+
     def stats(self) -> dict[str, Any]:
         """A snapshot of the counters (plain data, safe to serialise)."""
         snapshot = self._stats.snapshot()
@@ -494,6 +644,9 @@ class LLMCache:
             lease = self._coordinator.stats
             snapshot["stores"] += lease.committed
             snapshot.update({f"lease_{name}": value for name, value in asdict(lease).items()})
+        if self._bus is not None:
+            sync = self._bus.stats
+            snapshot.update({f"invalidations_{name}": value for name, value in asdict(sync).items()})
         snapshot["memory_entries"] = len(self._memory)
         snapshot["memory_bytes"] = self._memory.nbytes
         snapshot["memory_evictions"] = self._memory.evictions
@@ -594,6 +747,7 @@ class LLMCache:
         tier = self._redis
         if tier is None:
             return None
+        epoch = self._epoch
         try:
             if tier.version is None:
                 await self._load_version()
@@ -614,7 +768,7 @@ class LLMCache:
         if not decision.servable:
             return None
         self._stats.hits_redis += 1
-        self._remember(entry, now)
+        self._remember(entry, now, epoch)
         return entry, decision
 
     async def _load_version(self) -> None:
@@ -635,6 +789,7 @@ class LLMCache:
     async def _fill(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> _Outcome:
         """The shared task of a miss: one upstream call per key across processes
         when Redis is there, else in this process."""
+        epoch = self._epoch
         coordinator = self._coordinator
         if coordinator is None or self._redis is None or self._redis.version is None:
             refreshing = self._refreshing.get(request.key)
@@ -666,16 +821,17 @@ class LLMCache:
             if self._lease_settings.on_wait_timeout == "raise":
                 raise
             return await self._compute(request, control, upstream), Source.UPSTREAM, False
-        self._remember(entry, time.time())
+        self._remember(entry, time.time(), epoch)
         if origin == "computed":
             return entry, Source.UPSTREAM, False
         return entry, Source.REDIS, origin == "waited"
 
     async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         """Call upstream and store the answer (unless ``no_store``), without a lease."""
+        epoch = self._epoch
         entry = await self._call_upstream(request, control, upstream)
         if not control.no_store:
-            await self._store(entry, entry.created_at)
+            await self._store(entry, entry.created_at, epoch)
         return entry
 
     async def _call_upstream(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
@@ -703,6 +859,7 @@ class LLMCache:
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
             tags=tuple(control.tags),
+            system=system_text(request.params["messages"]),
         )
 
     def _encode_for_redis(self, entry: Entry) -> bytes | None:
@@ -712,11 +869,11 @@ class LLMCache:
             return None
         return self._redis.encode(entry)
 
-    async def _store(self, entry: Entry, now: float) -> None:
+    async def _store(self, entry: Entry, now: float, epoch: int) -> None:
         if len(entry.raw) > self._max_entry_bytes:
             self._stats.store_skipped += 1
             return
-        self._remember(entry, now)
+        self._remember(entry, now, epoch)
         tier = self._redis
         if tier is None or tier.version is None:
             self._stats.stores += 1
@@ -734,8 +891,11 @@ class LLMCache:
 
     # -- helpers --------------------------------------------------------------
 
-    def _remember(self, entry: Entry, now: float) -> None:
-        if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes:
+    def _remember(self, entry: Entry, now: float, epoch: int) -> None:
+        """Keep ``entry`` in the memory tier, unless an invalidation was applied
+        since ``epoch`` was read: what was read or computed before it may be
+        what it retired."""
+        if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes or epoch != self._epoch:
             return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
         # Kept until hard expiry: a stale answer is served from memory too. With
@@ -819,8 +979,9 @@ class LLMCache:
             def newer(found: Entry) -> bool:
                 return found.created_at > current.created_at
 
+            epoch = self._epoch
             entry, _ = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
-            self._remember(entry, time.time())
+            self._remember(entry, time.time(), epoch)
         except Exception as exc:
             # The stale answer goes on being served until it expires.
             self._stats.refresh_errors += 1

@@ -6,14 +6,17 @@ times are wall-clock (``time.time()``) seconds.
 
 Encoding (never pickle)::
 
-    b"\\xa1LC" | format version (1 byte) | flags (1 byte) | payload
-    payload = u32 header length | u32 CRC-32 of header and response
-              | header (orjson array) | response (JSON bytes)
+    b"\\xa1LC" | format version (1 byte) | flags (1 byte)
+    | u32 header length | u32 CRC-32 of header and body
+    | header (orjson array) | body (the response's JSON, maybe compressed)
 
 The header carries the versions of openai and pydantic that validated the
-response before it was written.
+response before it was written, the request's model and system prompt (what
+invalidation by pattern matches on) and the answer's times and tags. It is
+never compressed, so it can be read from the first bytes of a value without
+the rest (:func:`read_header`, and the hot-key script in Redis).
 
-The payload is zlib-compressed (flag bit 0) when it is larger than the
+The body is zlib-compressed (flag bit 0) when the entry is larger than the
 compression threshold. Anything that does not decode to a valid entry for the
 expected key raises :class:`CorruptEntryError`: the caller treats it as a miss.
 """
@@ -33,19 +36,29 @@ from pydantic import ValidationError
 
 from .errors import CorruptEntryError
 
-__all__ = ["FORMAT_VERSION", "MISSING", "Entry", "decode_entry", "encode_entry"]
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_PREFIX_BYTES",
+    "MISSING",
+    "Entry",
+    "Header",
+    "decode_entry",
+    "encode_entry",
+    "read_header",
+]
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 _MAGIC: Final = b"\xa1LC"
 _PREFIX: Final = _MAGIC + bytes([FORMAT_VERSION])
 _FLAG_ZLIB: Final = 0x01
 _KNOWN_FLAGS: Final = _FLAG_ZLIB
-_HEADER_LEN = struct.Struct(">II")  # header length, CRC-32 of header and response
+_HEADER_LEN = struct.Struct(">II")  # header length, CRC-32 of header and body
+_HEADER_START: Final = len(_PREFIX) + 1 + _HEADER_LEN.size
 _ZLIB_LEVEL: Final = 1
 # environment, key, created_at, fresh_until, expires_at, compute_ms, model,
-# prompt and completion tokens, tags: a JSON array, cheaper to check than an
-# object.
-_HEADER_FIELDS: Final = 10
+# prompt and completion tokens, tags, system prompt: a JSON array, cheaper to
+# check than an object.
+_HEADER_FIELDS: Final = 11
 # The versions that validated a response when it was written; an entry written
 # under the same ones needs no validation to be read back.
 _ENVIRONMENT: Final = f"openai {openai.__version__}; pydantic {pydantic.VERSION}"
@@ -93,6 +106,7 @@ class Entry:
         "prompt_tokens",
         "raw",
         "slid_until",
+        "system",
         "tags",
     )
 
@@ -109,6 +123,7 @@ class Entry:
         prompt_tokens: int,
         completion_tokens: int,
         tags: tuple[str, ...] = (),
+        system: str = "",
         response: ChatCompletion | None = None,
     ) -> None:
         self.key = key
@@ -121,6 +136,8 @@ class Entry:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
         self.tags = tags
+        # The request's system (and developer) instructions, for invalidation by pattern.
+        self.system = system
         self._response = response
         self._text: str | None = None
         # When this process refreshes it early: drawn on first use (policy.early_refresh_at).
@@ -169,7 +186,8 @@ def _first_content(body: dict[str, Any]) -> str:
 
 
 def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
-    """Encode ``entry``; the payload is compressed when above ``compress_above`` bytes."""
+    """Encode ``entry``; the body is compressed when the entry is larger than
+    ``compress_above`` bytes."""
     header = orjson.dumps(
         [
             _ENVIRONMENT,
@@ -182,86 +200,86 @@ def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
             entry.prompt_tokens,
             entry.completion_tokens,
             entry.tags,
+            entry.system,
         ]
     )
-    checksum = zlib.crc32(entry.raw, zlib.crc32(header))
-    payload = _HEADER_LEN.pack(len(header), checksum) + header + entry.raw
-    if len(payload) > compress_above:
-        return _PREFIX + bytes([_FLAG_ZLIB]) + zlib.compress(payload, _ZLIB_LEVEL)
-    return _PREFIX + b"\x00" + payload
+    body, flags = entry.raw, b"\x00"
+    if len(header) + len(body) > compress_above:
+        body, flags = zlib.compress(body, _ZLIB_LEVEL), bytes([_FLAG_ZLIB])
+    checksum = zlib.crc32(body, zlib.crc32(header))
+    return b"".join((_PREFIX, flags, _HEADER_LEN.pack(len(header), checksum), header, body))
 
 
-def _decompress(data: bytes, limit: int) -> bytes:
+def _decompress(data: bytes | memoryview, limit: int) -> bytes:
     inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(data, limit)
     except zlib.error as exc:
-        raise CorruptEntryError(f"bad compressed payload: {exc}") from exc
+        raise CorruptEntryError(f"bad compressed body: {exc}") from exc
     if inflater.unconsumed_tail or not inflater.eof:
-        raise CorruptEntryError(f"compressed payload truncated or larger than {limit} bytes")
+        raise CorruptEntryError(f"compressed body truncated or larger than {limit} bytes")
     return out
 
 
-def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
-    """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid."""
+def _split(blob: bytes) -> tuple[int, int, int]:
+    """Check the fixed prefix; return (flags, header length, checksum)."""
     if not blob.startswith(_PREFIX):
         if blob.startswith(_MAGIC):
             raise CorruptEntryError(f"unsupported entry format version {blob[3:4]!r}")
         raise CorruptEntryError("not an aiollmcache entry")
-    if len(blob) < 5:
+    if len(blob) < _HEADER_START:
         raise CorruptEntryError("truncated entry")
-    flags = blob[4]
+    flags = blob[len(_PREFIX)]
     if flags & ~_KNOWN_FLAGS:
         raise CorruptEntryError(f"unknown flags {flags:#x}")
-    # Offsets into the payload, which is the blob itself when uncompressed
-    # (no copy of the response until the one slice that keeps it).
-    payload, start = (_decompress(blob[5:], max_bytes), 0) if flags & _FLAG_ZLIB else (blob, 5)
-    if len(payload) < start + _HEADER_LEN.size:
-        raise CorruptEntryError("truncated entry")
-    header_len, checksum = _HEADER_LEN.unpack_from(payload, start)
-    header_start = start + _HEADER_LEN.size
-    header_end = header_start + header_len
-    if header_end > len(payload):
-        raise CorruptEntryError("truncated header")
-    view = memoryview(payload)
-    if zlib.crc32(view[header_start:]) != checksum:
-        raise CorruptEntryError("entry does not match its checksum")
-    try:
-        header = orjson.loads(view[header_start:header_end])
-    except orjson.JSONDecodeError as exc:
-        raise CorruptEntryError(f"bad header: {exc}") from exc
+    header_len, checksum = _HEADER_LEN.unpack_from(blob, len(_PREFIX) + 1)
+    return flags, header_len, checksum
+
+
+def _fields(header: object, key: str | None) -> tuple[Any, ...]:
     if type(header) is not list or len(header) != _HEADER_FIELDS:
         raise CorruptEntryError("header is not a list of the expected fields")
-    (
-        environment,
-        stored_key,
-        created,
-        fresh_until,
-        expires_at,
-        compute_ms,
-        model,
-        ptokens,
-        ctokens,
-        tags,
-    ) = header
-    if stored_key != key:
+    (env, stored_key, created, fresh_until, expires_at, compute_ms, model, pt, ct, tags, system) = header
+    if key is not None and stored_key != key:
         raise CorruptEntryError("entry belongs to another key")
     if not (
-        type(environment) is str
+        type(env) is str
+        and type(stored_key) is str
         and type(created) in _NUMBER
         and type(fresh_until) in _NUMBER
         and type(expires_at) in _NUMBER
         and type(compute_ms) in _NUMBER
         and type(model) is str
-        and type(ptokens) is int
-        and type(ctokens) is int
+        and type(pt) is int
+        and type(ct) is int
         and type(tags) is list
         and (not tags or all(type(t) is str for t in tags))
+        and type(system) is str
     ):
         raise CorruptEntryError("header fields of the wrong type")
-    raw = payload[header_end:]
+    return tuple(header)
+
+
+def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
+    """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid."""
+    flags, header_len, checksum = _split(blob)
+    header_end = _HEADER_START + header_len
+    if header_end > len(blob):
+        raise CorruptEntryError("truncated header")
+    view = memoryview(blob)
+    if zlib.crc32(view[_HEADER_START:]) != checksum:
+        raise CorruptEntryError("entry does not match its checksum")
+    try:
+        header = orjson.loads(view[_HEADER_START:header_end])
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntryError(f"bad header: {exc}") from exc
+    (env, _, created, fresh_until, expires_at, compute_ms, model, pt, ct, tags, system) = _fields(header, key)
+    # No copy of an uncompressed response but the one slice that keeps it.
+    raw = _decompress(view[header_end:], max_bytes) if flags & _FLAG_ZLIB else blob[header_end:]
+    if len(raw) > max_bytes:
+        raise CorruptEntryError(f"response larger than {max_bytes} bytes")
     response = None
-    if environment != _ENVIRONMENT:
+    if env != _ENVIRONMENT:
         # Written by other versions of openai or pydantic: validate now, not on
         # first use, so an entry this process cannot read is a miss.
         try:
@@ -276,8 +294,56 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
         expires_at=float(expires_at),
         compute_ms=float(compute_ms),
         model=model,
-        prompt_tokens=ptokens,
-        completion_tokens=ctokens,
+        prompt_tokens=pt,
+        completion_tokens=ct,
         tags=tuple(tags),
+        system=system,
         response=response,
+    )
+
+
+class Header:
+    """What an entry says about itself, read without its body (see :func:`read_header`)."""
+
+    __slots__ = ("created_at", "expires_at", "key", "model", "system", "tags")
+
+    def __init__(
+        self, key: str, model: str, system: str, tags: tuple[str, ...], created_at: float, expires_at: float
+    ) -> None:
+        self.key = key
+        self.model = model
+        self.system = system
+        self.tags = tags
+        self.created_at = created_at
+        self.expires_at = expires_at
+
+
+HEADER_PREFIX_BYTES: Final = _HEADER_START
+"""How many bytes :func:`read_header` needs to learn the header's length."""
+
+
+def read_header(prefix: bytes) -> Header | int:
+    """The header of the entry whose value begins with ``prefix``, or the number
+    of leading bytes needed to read it when ``prefix`` is shorter.
+
+    The header is not checked against the checksum (that needs the whole
+    value): good enough to decide what to invalidate, not to serve.
+    Raises :class:`CorruptEntryError` for anything that is not an entry.
+    """
+    _, header_len, _ = _split(prefix)
+    header_end = _HEADER_START + header_len
+    if header_end > len(prefix):
+        return header_end
+    try:
+        header = orjson.loads(memoryview(prefix)[_HEADER_START:header_end])
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntryError(f"bad header: {exc}") from exc
+    fields = _fields(header, None)
+    return Header(
+        key=fields[1],
+        model=fields[6],
+        system=fields[10],
+        tags=tuple(fields[9]),
+        created_at=float(fields[2]),
+        expires_at=float(fields[4]),
     )

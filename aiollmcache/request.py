@@ -22,7 +22,7 @@ import orjson
 
 from .errors import InvalidRequestError
 
-__all__ = ["EXCLUDED_PARAMS", "VALID_ROLES", "ChatRequest", "build_chat_request"]
+__all__ = ["EXCLUDED_PARAMS", "VALID_ROLES", "ChatRequest", "build_chat_request", "system_text"]
 
 VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -210,3 +210,22 @@ def _build(
         raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
     digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES)
     return ChatRequest(model=model, params=send, key=digest.hexdigest())
+
+
+def system_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of a validated request's system and developer messages, one per
+    line: what invalidation by pattern matches a system prompt against."""
+    parts: list[str] = []
+    for message in messages:
+        if message.get("role") not in ("system", "developer"):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):  # content parts: keep the text ones
+            parts.extend(
+                part["text"]
+                for part in content
+                if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+            )
+    return "\n".join(parts)

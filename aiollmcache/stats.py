@@ -32,6 +32,8 @@ class Stats:
     corrupt_entries: int = 0
     tokens_saved_prompt: int = 0
     tokens_saved_completion: int = 0
+    invalidations: int = 0
+    memory_invalidated: int = 0
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)

@@ -8,7 +8,15 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from aiollmcache import CorruptEntryError, Entry
-from aiollmcache.entry import _ENVIRONMENT, FORMAT_VERSION, decode_entry, encode_entry
+from aiollmcache.entry import (
+    _ENVIRONMENT,
+    FORMAT_VERSION,
+    HEADER_PREFIX_BYTES,
+    Header,
+    decode_entry,
+    encode_entry,
+    read_header,
+)
 
 KEY = "0" * 32
 
@@ -42,6 +50,7 @@ def entry(content: str = "Hello") -> Entry:
         prompt_tokens=3,
         completion_tokens=5,
         tags=("a", "b"),
+        system="You are terse.",
     )
 
 
@@ -58,14 +67,16 @@ def test_round_trip(content: str) -> None:
     assert decoded.response == original.response
 
 
-def _header_blob(header: object, body: bytes = completion(), checksum: int | None = None) -> bytes:
+def _header_blob(
+    header: object, body: bytes = completion(), checksum: int | None = None, flags: int = 0
+) -> bytes:
     h = orjson.dumps(header)
     crc = zlib.crc32(h + body) if checksum is None else checksum
-    return b"\xa1LC" + bytes([FORMAT_VERSION, 0]) + struct.pack(">II", len(h), crc) + h + body
+    return b"\xa1LC" + bytes([FORMAT_VERSION, flags]) + struct.pack(">II", len(h), crc) + h + body
 
 
 ENV = _ENVIRONMENT
-GOOD_HEADER = [ENV, KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, []]
+GOOD_HEADER = [ENV, KEY, 1.0, 2.0, 3.0, 1.0, "m", 1, 1, [], "Be brief."]
 
 
 def header_with(index: int, value: object) -> list[object]:
@@ -90,8 +101,10 @@ VALID = encode_entry(entry(), compress_above=1 << 20)
         (VALID[:20], "truncated header"),
         (VALID[:-10], "checksum"),
         (VALID[:4] + b"\x80" + VALID[5:], "unknown flags"),
-        (VALID[:4] + b"\x01" + b"not zlib", "bad compressed payload"),
-        (VALID[:4] + b"\x01" + zlib.compress(b"\0" * 100)[:-4], "truncated"),
+        (_header_blob(GOOD_HEADER, b"not zlib", flags=1), "bad compressed body"),
+        (_header_blob(GOOD_HEADER, zlib.compress(completion())[:-4], flags=1), "truncated"),
+        (_header_blob(GOOD_HEADER, zlib.compress(completion()), flags=1), None),
+        (_header_blob(header_with(10, None)), "wrong type"),
         (_header_blob(GOOD_HEADER), None),
         (_header_blob(header_with(1, "f" * 32)), "another key"),
         (_header_blob(header_with(2, "yesterday")), "wrong type"),
@@ -130,7 +143,7 @@ def test_invalid_bytes_are_corrupt(blob: bytes, reason: str | None) -> None:
 
 
 def test_decompression_is_bounded() -> None:
-    bomb = b"\xa1LC" + bytes([FORMAT_VERSION, 1]) + zlib.compress(b"\0" * (4 << 20))
+    bomb = _header_blob(GOOD_HEADER, zlib.compress(b"\0" * (4 << 20)), flags=1)
     with pytest.raises(CorruptEntryError, match="larger than"):
         decode_entry(bomb, KEY, max_bytes=1 << 20)
 
@@ -152,3 +165,22 @@ def test_text_survives_json_that_only_pydantic_reads() -> None:
     decoded = decode_entry(blob + header + raw, KEY, max_bytes=1 << 20)
     assert decoded.text == "Hello"
     assert "Entry(" in repr(decoded)
+
+
+@pytest.mark.parametrize("content", ["Hello", "x" * 50_000])
+def test_header_reads_from_the_first_bytes(content: str) -> None:
+    blob = encode_entry(entry(content), compress_above=8192)
+    needed = read_header(blob[:HEADER_PREFIX_BYTES])
+    assert isinstance(needed, int) and HEADER_PREFIX_BYTES < needed < 400  # the body is not needed
+    header = read_header(blob[:needed])
+    assert isinstance(header, Header)
+    assert (header.key, header.model, header.system, header.tags) == (KEY, "m", "You are terse.", ("a", "b"))
+    assert (header.created_at, header.expires_at) == (1000.0, 3000.0)
+
+
+@pytest.mark.parametrize(
+    "prefix", [b"", b"GET /", VALID[:4] + b"\x80" + VALID[5:], _header_blob(header_with(6, 7))]
+)
+def test_header_of_foreign_bytes_is_corrupt(prefix: bytes) -> None:
+    with pytest.raises(CorruptEntryError):
+        read_header(prefix)

@@ -79,3 +79,13 @@ def test_non_positive_ttl_is_not_stored() -> None:
     t, _ = tier()
     assert not t.set("a", "A", ttl=0, size=1)
     assert t.get("a") is MISSING
+
+
+def test_evict_drops_matching_values_and_their_bytes() -> None:
+    tier: MemoryTier[str] = MemoryTier(max_entries=10, max_bytes=1000)
+    for key, value in [("a", "red"), ("b", "blue"), ("c", "red")]:
+        tier.set(key, value, ttl=60, size=10)
+    assert tier.evict(lambda key, value: value == "red") == 2
+    assert (tier.get("a"), tier.get("b"), tier.get("c")) == (MISSING, "blue", MISSING)
+    assert tier.nbytes == 10
+    assert tier.clear() == 1 and len(tier) == 0 and tier.nbytes == 0

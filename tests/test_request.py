@@ -6,7 +6,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessage
 
 from aiollmcache import EXCLUDED_PARAMS, InvalidRequestError
-from aiollmcache.request import build_chat_request
+from aiollmcache.request import build_chat_request, system_text
 
 BASE = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is Python?"}]
 
@@ -169,3 +169,13 @@ def test_upstream_scope_is_part_of_the_key() -> None:
     a = build_chat_request(BASE, {}, default_model="m", upstream_scope="https://a.example/v1").key
     b = build_chat_request(BASE, {}, default_model="m", upstream_scope="https://b.example/v1").key
     assert a != b != key()
+
+
+def test_system_text_joins_system_and_developer_messages() -> None:
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "developer", "content": [{"type": "text", "text": "No emoji."}, {"type": "image_url"}]},
+    ]
+    assert system_text(messages) == "Be terse.\nNo emoji."
+    assert system_text([{"role": "user", "content": "Hi"}]) == ""

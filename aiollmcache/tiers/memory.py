@@ -85,9 +85,20 @@ class MemoryTier(Generic[V]):
             return True
         return False
 
-    def clear(self) -> None:
+    def evict(self, predicate: Callable[[str, V], bool]) -> int:
+        """Drop every value for which ``predicate(key, value)`` is true; return
+        how many. O(n): for invalidation, not for the request path."""
+        doomed = [key for key, (value, _, _) in self._data.items() if predicate(key, value)]
+        for key in doomed:
+            self._drop(key)
+        return len(doomed)
+
+    def clear(self) -> int:
+        """Drop everything; return how many values were held."""
+        count = len(self._data)
         self._data.clear()
         self._nbytes = 0
+        return count
 
     def _drop(self, key: str) -> None:
         _, _, size = self._data.pop(key)

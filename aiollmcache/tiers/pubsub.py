@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import secrets
+from collections.abc import Callable
 from typing import Any, Final
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .._log import RateLimitedLogger
+from .._log import RateLimitedLogger, logger
 
 __all__ = ["RESYNC", "Subscriber", "Subscription"]
 
@@ -33,18 +35,29 @@ _BACKOFF_MIN = 0.05
 _BACKOFF_MAX = 2.0
 
 
+Handler = Callable[[bytes | _Resync], None]
+
+
 class Subscription:
-    """Messages of one channel, in order. Close it when done."""
+    """Messages of one channel, in order: queued for :meth:`wait`, or handed to
+    a handler as they arrive. Close it when done."""
 
-    __slots__ = ("_queue", "_subscriber", "channel")
+    __slots__ = ("_handler", "_queue", "_subscriber", "channel")
 
-    def __init__(self, subscriber: Subscriber, channel: str) -> None:
+    def __init__(self, subscriber: Subscriber, channel: str, handler: Handler | None = None) -> None:
         self._subscriber = subscriber
         self.channel = channel
+        self._handler = handler
         self._queue: asyncio.Queue[bytes | _Resync] = asyncio.Queue()
 
     def _put(self, message: bytes | _Resync) -> None:
-        self._queue.put_nowait(message)
+        if self._handler is not None:
+            try:
+                self._handler(message)
+            except Exception:  # a handler's bug must not stop the reader
+                logger.exception("pub/sub handler for %s failed", self.channel)
+        else:
+            self._queue.put_nowait(message)
 
     async def wait(self, seconds: float) -> bytes | _Resync | None:
         """The next message, :data:`RESYNC`, or None when ``seconds`` pass first."""
@@ -75,20 +88,24 @@ class Subscriber:
         self._pubsub: Any = None  # redis.asyncio.client.PubSub, created on first use
         self._subscriptions: dict[bytes, Subscription] = {}
         self._confirmations: dict[bytes, asyncio.Future[None]] = {}
+        self._pongs: dict[bytes, asyncio.Future[None]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self._log = RateLimitedLogger()
 
-    async def subscribe(self, channel: str) -> Subscription:
+    async def subscribe(self, channel: str, handler: Handler | None = None) -> Subscription:
         """Subscribe ``channel``; returns once Redis has confirmed.
 
-        Raises :class:`TimeoutError` or a Redis error if it cannot confirm in time.
+        With a ``handler``, each message (and :data:`RESYNC`) is passed to it
+        from the reader task, in order, as it arrives; the handler must not
+        block. Raises :class:`TimeoutError` or a Redis error if Redis cannot
+        confirm in time.
         """
         name = channel.encode()
         if name in self._subscriptions:
             raise RuntimeError(f"{channel} is already subscribed in this process")
-        subscription = Subscription(self, channel)
+        subscription = Subscription(self, channel, handler)
         confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._subscriptions[name] = subscription
         self._confirmations[name] = confirmed
@@ -121,6 +138,30 @@ class Subscriber:
             # Harmless: a stray message for this channel is dropped on arrival,
             # and a reconnection subscribes only what is still wanted.
             self._log.warning("unsubscribe", "pub/sub unsubscribe failed: %s", exc)
+
+    async def barrier(self) -> bool:
+        """Wait until every message Redis sent this process before the call has
+        been dispatched (a PING on the subscriber connection, whose reply comes
+        after them). False if that cannot be known within the timeout, e.g.
+        the connection is down; the connection is then reset."""
+        if self._pubsub is None or self._reader is None or self._reader.done() or self._closed:
+            return False
+        token = secrets.token_hex(8).encode()
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pongs[token] = answered
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._lock:
+                    await self._pubsub.ping(token)
+                await answered
+            return True
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._log.warning("barrier", "pub/sub connection unresponsive, resetting it: %s", exc)
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.connection.disconnect()
+            return False
+        finally:
+            self._pongs.pop(token, None)
 
     def _start_reader(self) -> None:
         if self._reader is None or self._reader.done():
@@ -161,6 +202,10 @@ class Subscriber:
             confirmed = self._confirmations.pop(channel, None)  # type: ignore[arg-type]
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
+        elif kind == "pong":
+            answered = self._pongs.pop(message.get("data"), None)  # type: ignore[arg-type]
+            if answered is not None and not answered.done():
+                answered.set_result(None)
 
     async def aclose(self) -> None:
         self._closed = True

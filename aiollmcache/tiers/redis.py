@@ -4,10 +4,15 @@ Key layout (the ``{hash}`` hash tag is the only pair of braces in a key, so an
 entry and everything else about it share one Redis Cluster slot)::
 
     alc:<ns>:version              namespace version (INCR retires every entry)
+    alc:<ns>:seq                  number of invalidations published (see below)
+    alc:<ns>:inv                  pub/sub channel: "<seq> <invalidation JSON>"
     alc:<ns>:<ver>:e:{<hash>}     entry (see :mod:`aiollmcache.entry`)
     alc:<ns>:<ver>:l:{<hash>}     lease: token of the process computing the entry
     alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done[:<entry>]", "retry" or "fail:<json>"
     alc:<ns>:<ver>:h:{<hash>}     hits in the current window (hot keys live longer)
+    alc:<ns>:<ver>:t:{<tag>}      sorted set of the hashes of the entries tagged <tag>,
+                                  scored by when each may expire at the latest
+    alc:<ns>:<ver>:t:{<tag>}:retiring   the same, taken over by an invalidation in progress
 
 Every Redis exception is translated here into :class:`TierUnavailableError`
 or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
@@ -21,17 +26,26 @@ import asyncio
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..entry import MISSING, Entry, _Missing, decode_entry, encode_entry
+from ..entry import (
+    HEADER_PREFIX_BYTES,
+    MISSING,
+    Entry,
+    Header,
+    _Missing,
+    decode_entry,
+    encode_entry,
+    read_header,
+)
 from ..errors import (
     ConfigurationError,
     CorruptEntryError,
@@ -40,7 +54,7 @@ from ..errors import (
     TierUnavailableError,
 )
 
-__all__ = ["KEY_PREFIX", "HotKeys", "RedisTier", "connect", "validate_namespace"]
+__all__ = ["INVALIDATION_BATCH", "KEY_PREFIX", "HotKeys", "RedisTier", "connect", "validate_namespace"]
 
 KEY_PREFIX = "alc"
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -58,8 +72,8 @@ return 0
 # A read that also counts hits per window (KEYS[2], ARGV[1] ms) and, for a key
 # read ARGV[2] times or more in the window, extends its life to its own
 # ttl + stale_ttl from now, but never past its creation + ARGV[4] ms. Those
-# times come from the entry's header (see aiollmcache.entry: flags at byte 5,
-# the header's length at 6, the header, a JSON array, from byte 14). An entry
+# times come from the entry's header (see aiollmcache.entry: the header's
+# length at byte 6, the header, a JSON array, from byte 14). An entry
 # without a stale window is not extended: it must not be served stale.
 # ARGV[3] is the longest life an entry may have; the header is decoded only
 # when less than half of it is left, not on every read of a hot key.
@@ -74,8 +88,7 @@ if hits == 1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[1])
 end
 local pttl = redis.call('PTTL', KEYS[1])
-local uncompressed = #value >= 13 and string.byte(value, 5) == 0
-if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and uncompressed then
+if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and #value >= 13 then
   local length = struct.unpack('>I4', value, 6)
   local ok, header = pcall(cjson.decode, string.sub(value, 14, 13 + length))
   if ok and type(header) == 'table' and type(header[3]) == 'number'
@@ -143,6 +156,55 @@ redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 """
+
+
+# Add an entry to a tag's set (KEYS[1]): ARGV[1] the entry's hash, ARGV[2] the
+# latest it may expire (ms since the epoch), ARGV[3] now (ms). Members whose
+# entries have expired are pruned, at most 64 per write (so a write never
+# blocks Redis for long and the set shrinks faster than it grows), and the
+# set itself expires with its longest-lived member.
+_TAG_ADD = """
+redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
+local expired = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, 64)
+if #expired > 0 then
+  redis.call('ZREM', KEYS[1], unpack(expired))
+end
+local ttl = tonumber(ARGV[2]) - tonumber(ARGV[3])
+if ttl > 0 and redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
+"""
+
+# Take a tag's set (KEYS[1]) over for retirement (KEYS[2]): entries tagged
+# from now on go into a new set and survive. A retirement left unfinished (its
+# process died) is resumed: the sets are merged. Returns the members to retire.
+_TAG_RETIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
+    redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])))
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('RENAME', KEYS[1], KEYS[2])
+  end
+end
+return redis.call('ZCARD', KEYS[2])
+"""
+
+# Number an invalidation (KEYS[1] counts them) and broadcast it, in one step:
+# a process that sees the count ahead of the messages it got knows it missed one.
+_PUBLISH_INVALIDATION = """
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[2])
+return seq
+"""
+
+# Entries read or deleted per round trip by invalidation: small enough that
+# Redis serves other clients between batches.
+INVALIDATION_BATCH = 256
+# Bytes read per entry to find its header; longer headers take a second read.
+_HEADER_READ_BYTES = 1024
 
 
 def validate_namespace(namespace: str) -> str:
@@ -296,6 +358,11 @@ class RedisTier:
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
+        self._seq_key = f"{KEY_PREFIX}:{namespace}:seq"
+        self.invalidation_channel = f"{KEY_PREFIX}:{namespace}:inv"
+        self._tag_add = client.register_script(_TAG_ADD)
+        self._tag_retire = client.register_script(_TAG_RETIRE)
+        self._publish_invalidation = client.register_script(_PUBLISH_INVALIDATION)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._acquire = client.register_script(_ACQUIRE)
         self._get_hot = client.register_script(_GET_HOT)
@@ -322,6 +389,9 @@ class RedisTier:
 
     def channel(self, key: str) -> str:
         return self._key("n", key)
+
+    def tag_key(self, tag: str) -> str:
+        return self._key("t", tag)
 
     async def load_version(self) -> int:
         raw = await self._call("GET version", self._client.get(self._version_key))
@@ -417,7 +487,42 @@ class RedisTier:
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
         inline = "1" if len(blob) <= _INLINE_NOTIFICATION_BYTES else "0"
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
-        return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+        if not entry.tags:
+            return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+        return bool(
+            await self._tagged(entry, "COMMIT", lambda pipe: pipe.evalsha(self._commit.sha, 2, *keys, *args))
+        )
+
+    async def _tagged(self, entry: Entry, op: str, write: Callable[[Any], object]) -> Any:
+        """Add ``entry`` to its tags' sets, then ``write`` it, in one round trip;
+        return what the write returned. The tags come first: an entry is never
+        in Redis without being findable by its tags (a set may name an entry
+        that was not written, which is harmless)."""
+        now_ms = math.floor(self._clock() * 1000)
+        until = entry.expires_at
+        if self._hot is not None:  # a hot entry's life may slide up to max_age
+            until = max(until, entry.created_at + self._hot.max_age_ms / 1000)
+        args = (entry.key, math.ceil(until * 1000), now_ms)
+        for attempt in range(2):
+            # Scripts by hash, without redis-py's check that they are loaded
+            # (a round trip per pipeline): load them only when Redis says so.
+            pipe = self._client.pipeline(transaction=False)
+            for tag in entry.tags:
+                pipe.evalsha(self._tag_add.sha, 1, self.tag_key(tag), *args)
+            write(pipe)
+            results = await self._call(op, pipe.execute(raise_on_error=False))
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                await self._call("SCRIPT LOAD", self._load_scripts())
+                continue
+            for result in results:
+                if isinstance(result, Exception):
+                    raise TierUnavailableError(f"redis {op}: {result}")
+            return results[-1]
+        raise AssertionError("unreachable")
+
+    async def _load_scripts(self) -> None:
+        for script in (self._tag_add, self._commit):
+            await self._client.script_load(script.script)
 
     def decode_notification(self, key: str, message: bytes) -> Entry | None:
         """The entry carried by a "done:" message, or None (none carried, or
@@ -466,8 +571,113 @@ class RedisTier:
             return False
         ttl_ms = self._remaining_ms(entry)
         rkey = self.entry_key(entry.key)
-        await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
+        if not entry.tags:
+            await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
+            return True
+        await self._tagged(entry, "SET", lambda pipe: pipe.set(rkey, blob, px=ttl_ms))
         return True
+
+    # -- invalidation (see aiollmcache.invalidation) ---------------------------
+
+    async def sync_state(self) -> tuple[int, int]:
+        """The namespace version and the number of invalidations published, in
+        one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(self._version_key)
+        pipe.get(self._seq_key)
+        raw_version, raw_seq = await self._call("GET version", pipe.execute())
+        try:
+            return int(raw_version or 0), int(raw_seq or 0)
+        except ValueError:
+            raise CorruptEntryError(f"{self._version_key} or {self._seq_key} is not an integer") from None
+
+    async def bump_version(self) -> int:
+        """Retire every entry of the namespace: they stay where they are, under a
+        version nobody reads, until they expire."""
+        version = int(await self._call("INCR version", self._client.incr(self._version_key)))
+        if self.version is None or version > self.version:
+            self.version = version
+        return version
+
+    async def publish_invalidation(self, message: bytes) -> int:
+        """Number ``message`` and broadcast it to every process; return its number."""
+        keys = [self._seq_key]
+        args: list[str | bytes] = [self.invalidation_channel, message]
+        return int(await self._call("PUBLISH", self._publish_invalidation(keys=keys, args=args)))
+
+    async def unlink(self, hashes: list[str]) -> int:
+        """Delete the entries with these hashes; return how many existed."""
+        if not hashes:
+            return 0
+        rkeys = [self.entry_key(h) for h in hashes]
+        return int(await self._call("UNLINK", self._client.unlink(*rkeys)))
+
+    async def retire_tag(self, tag: str) -> int:
+        """Delete every entry tagged ``tag``, in batches; return how many existed.
+
+        Entries tagged while this runs are not touched. If this process dies
+        midway, the next retirement of the same tag finishes the job.
+        """
+        tag_key = self.tag_key(tag)
+        retiring = f"{tag_key}:retiring"
+        await self._call("RETIRE tag", self._tag_retire(keys=[tag_key, retiring]))
+        removed = 0
+        while True:
+            members = await self._call("ZRANGE tag", self._client.zrange(retiring, 0, INVALIDATION_BATCH - 1))
+            if not members:
+                return removed
+            hashes = [m.decode() for m in cast(list[bytes], members)]
+            pipe = self._client.pipeline(transaction=False)
+            pipe.unlink(*[self.entry_key(h) for h in hashes])
+            pipe.zrem(retiring, *members)
+            unlinked, _ = await self._call("UNLINK tagged", pipe.execute())
+            removed += int(unlinked)
+
+    async def scan_entries(self, match: str = "*") -> AsyncIterator[list[str]]:
+        """The hashes of this namespace's entries, in batches (SCAN, never
+        KEYS); ``match`` is a Redis glob on the hash. An entry written or
+        deleted during the scan may or may not be seen."""
+        prefix = self.entry_key("")[:-2]  # "alc:<ns>:<ver>:e:"
+        cursor = 0
+        while True:
+            cursor, rkeys = await self._call(
+                "SCAN",
+                self._client.scan(cursor, match=f"{prefix}{{{match}}}", count=INVALIDATION_BATCH),
+            )
+            hashes = [k.decode()[len(prefix) + 1 : -1] for k in cast(list[bytes], rkeys)]
+            if hashes:
+                yield hashes
+            if cursor == 0:
+                return
+
+    async def read_headers(self, hashes: list[str]) -> list[Header | None]:
+        """The headers of these entries (None: gone or not an entry), reading
+        only their first bytes."""
+        rkeys = [self.entry_key(h) for h in hashes]
+        prefixes = await self._getrange(rkeys, [_HEADER_READ_BYTES] * len(rkeys))
+        headers: list[Header | int | None] = [self._header(p) for p in prefixes]
+        longer = [i for i, h in enumerate(headers) if isinstance(h, int)]
+        if longer:
+            more = await self._getrange([rkeys[i] for i in longer], [cast(int, headers[i]) for i in longer])
+            for i, prefix in zip(longer, more, strict=True):
+                header = self._header(prefix)
+                headers[i] = header if isinstance(header, Header) else None
+        return [h if isinstance(h, Header) else None for h in headers]
+
+    async def _getrange(self, rkeys: list[str], lengths: list[int]) -> list[bytes]:
+        pipe = self._client.pipeline(transaction=False)
+        for rkey, length in zip(rkeys, lengths, strict=True):
+            pipe.getrange(rkey, 0, length - 1)
+        return cast(list[bytes], await self._call("GETRANGE", pipe.execute(raise_on_error=False)))
+
+    @staticmethod
+    def _header(prefix: object) -> Header | int | None:
+        if not isinstance(prefix, bytes) or len(prefix) < HEADER_PREFIX_BYTES:
+            return None  # gone, of another type, or too short to be an entry
+        try:
+            return read_header(prefix)
+        except CorruptEntryError:
+            return None
 
     async def aclose(self) -> None:
         if self._owns_client:
