@@ -20,6 +20,7 @@ from .errors import (
     TierUnavailableError,
     WaitTimeoutError,
 )
+from .invalidation import Invalidation, InvalidationKind, Pattern
 from .request import EXCLUDED_PARAMS
 from .upstream import OpenAIUpstream, Upstream
 from .wrap import CachedOpenAI
@@ -40,8 +41,11 @@ __all__ = [
     "Entry",
     "InvalidRequestError",
     "InvalidResponseError",
+    "Invalidation",
+    "InvalidationKind",
     "LLMCache",
     "OpenAIUpstream",
+    "Pattern",
     "RemoteUpstreamError",
     "Source",
     "TierError",

@@ -538,8 +538,9 @@ class LLMCache:
         ``pattern`` (a :class:`Pattern` on the request's model, system prompt
         or key) or ``everything=True`` (the whole namespace, by a version bump).
 
-        Returns how many entries were deleted from Redis (from this process's
-        memory tier when the cache has no Redis), or None for ``everything``.
+        Returns how many entries were deleted from Redis, or None for
+        ``everything`` (retired entries are left to expire); without Redis,
+        how many were dropped from the memory tier.
         When it returns, this process serves none of them and every other
         process is being told; see ``docs/invalidation.md`` for how soon they
         stop. Raises :class:`InvalidRequestError` before any I/O for bad

@@ -74,7 +74,7 @@ class Pattern:
 
     - ``model``: glob on the request's model, e.g. ``"gpt-4o*"``.
     - ``system``: glob on the system prompt (the request's system and developer
-      messages, one per line; ``""`` when there are none).
+      messages, one per line; ``system=""`` matches requests without one).
     - ``system_contains``: a substring of the system prompt.
     - ``key``: glob on the cache key (32 hex digits, as ``CacheResult.key``).
     """
@@ -92,7 +92,10 @@ class Pattern:
             "key": self.key,
         }
         for name, value in given.items():
-            if value is not None and (not isinstance(value, str) or not value or len(value) > _MAX_TEXT):
+            empty_ok = name == "system"  # "": requests without a system prompt
+            if value is not None and (
+                not isinstance(value, str) or (not value and not empty_ok) or len(value) > _MAX_TEXT
+            ):
                 raise InvalidRequestError(
                     f"Pattern.{name}: expected a non-empty string of at most {_MAX_TEXT} characters, "
                     f"got {value!r}"
@@ -326,9 +329,9 @@ class InvalidationBus:
         if seen is not None and seq > seen + 1:
             self._resync()  # a message before this one was lost
         self._seen = seq
-        if invalidation.remote:
+        if invalidation.remote:  # this process applied its own before publishing
             self.stats.received += 1
-        self._apply(invalidation)
+            self._apply(invalidation)
 
     def _resync(self) -> None:
         self.stats.resyncs += 1
