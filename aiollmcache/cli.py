@@ -1,14 +1,18 @@
-"""Command line: ``aiollmcache demo``.
+"""Command line: ``aiollmcache demo`` and ``aiollmcache invalidate``.
 
 ``demo`` fires a burst of concurrent chat requests over a set of prompts at a
 local FakeOpenAI server with realistic latency, once straight to the model and
 then through the cache (cold, then warm), and prints what each cost.
+
+``invalidate`` retires cached answers by key, tag, pattern or all at once, in
+Redis and in the memory tier of every process using it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import sys
 import time
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 
 from ._table import format_table
 from .client import CacheResult, LLMCache, Source
+from .errors import AiollmcacheError, InvalidRequestError
+from .invalidation import Pattern
 
 __all__ = ["main"]
 
@@ -139,6 +145,29 @@ def _print_table(rows: Sequence[Row], latency: float) -> None:
     print(format_table(header, cells))
 
 
+async def _invalidate(args: argparse.Namespace) -> str:
+    pattern_fields = {
+        "model": args.model,
+        "system": args.system,
+        "system_contains": args.system_contains,
+        "key": args.key_glob,
+    }
+    kwargs: dict[str, object] = {}
+    if args.key is not None:
+        kwargs["key"] = args.key
+    if args.tag is not None:
+        kwargs["tag"] = args.tag
+    if args.everything:
+        kwargs["everything"] = True
+    if any(value is not None for value in pattern_fields.values()):
+        kwargs["pattern"] = Pattern(**pattern_fields)
+    async with LLMCache(redis_url=args.redis_url, namespace=args.namespace) as cache:
+        retired = await cache.invalidate(**kwargs)  # type: ignore[arg-type]
+    if retired is None:
+        return f"namespace {args.namespace!r}: every entry retired (a new namespace version)"
+    return f"namespace {args.namespace!r}: {retired} entries retired"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aiollmcache", description=__doc__.split("\n\n")[0] if __doc__ else None
@@ -154,7 +183,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--model", default="gpt-4o-mini")
     demo.add_argument("--redis-url", default=None, help="also use this Redis (default: memory only)")
     demo.add_argument("--seed", type=int, default=1)
+    inv = sub.add_parser(
+        "invalidate",
+        help="retire cached answers in Redis and in every process's memory tier",
+        description="Give --key, --tag, --everything, or any of the pattern options "
+        "(--model, --system, --system-contains, --key-glob; all given must match).",
+    )
+    inv.add_argument("--redis-url", default=os.environ.get("AIOLLMCACHE_REDIS_URL"))
+    inv.add_argument("--namespace", default=os.environ.get("AIOLLMCACHE_NAMESPACE", "default"))
+    inv.add_argument("--key", help="a cache key (CacheResult.key)")
+    inv.add_argument("--tag", help="answers stored with this tag")
+    inv.add_argument("--everything", action="store_true", help="the whole namespace")
+    inv.add_argument("--model", help="pattern: glob on the request's model")
+    inv.add_argument("--system", help="pattern: glob on the system prompt")
+    inv.add_argument("--system-contains", help="pattern: text in the system prompt")
+    inv.add_argument("--key-glob", help="pattern: glob on the cache key")
     args = parser.parse_args(argv)
+    if args.command == "invalidate":
+        if not args.redis_url:
+            parser.error("invalidate: give --redis-url or set AIOLLMCACHE_REDIS_URL")
+        try:
+            print(asyncio.run(_invalidate(args)))
+        except InvalidRequestError as exc:
+            parser.error(str(exc))
+        except AiollmcacheError as exc:
+            print(f"aiollmcache invalidate: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.requests < 1 or args.prompts < 1 or args.latency < 0:
         parser.error("--requests and --prompts must be >= 1, --latency >= 0")
     rows = asyncio.run(_demo(args))

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 import re
+from typing import Any
 
 import pytest
 
+from aiollmcache import CacheControl, LLMCache
 from aiollmcache.cli import _prompts, main
+from aiollmcache.testing import RedisServer
 
 
 def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -24,3 +28,47 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--requests", "0"])
     assert "--requests" in capsys.readouterr().err
+
+
+def test_invalidate_retires_by_tag_and_everything(
+    redis_server: RedisServer, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def fill() -> None:
+        async def upstream(params: dict[str, Any]) -> dict[str, Any]:
+            return {
+                "id": "x",
+                "object": "chat.completion",
+                "created": 0,
+                "model": "m",
+                "choices": [
+                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}
+                ],
+            }
+
+        async with LLMCache(
+            redis_url=redis_server.url, upstream=upstream, model="m", namespace=namespace
+        ) as cache:
+            for n in range(3):
+                await cache.complete([{"role": "user", "content": str(n)}], cache=CacheControl(tags=["docs"]))
+
+    asyncio.run(fill())
+    base = ["invalidate", "--redis-url", redis_server.url, "--namespace", namespace]
+    assert main([*base, "--tag", "docs"]) == 0
+    assert capsys.readouterr().out.strip() == f"namespace {namespace!r}: 3 entries retired"
+    assert main([*base, "--model", "m", "--system", ""]) == 0
+    assert "0 entries retired" in capsys.readouterr().out
+    assert main([*base, "--everything"]) == 0
+    assert "every entry retired" in capsys.readouterr().out
+
+
+def test_invalidate_reports_bad_arguments_and_an_unreachable_redis(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["invalidate", "--redis-url", "redis://127.0.0.1:1/0", "--tag", "a", "--everything"])
+    assert "exactly one" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["invalidate", "--redis-url", "redis://127.0.0.1:1/0", "--key", "nope"])
+    assert "32 lowercase hex" in capsys.readouterr().err
+    assert main(["invalidate", "--redis-url", "redis://127.0.0.1:1/0", "--everything"]) == 1
+    assert "redis" in capsys.readouterr().err.lower()

@@ -431,3 +431,16 @@ async def test_a_pattern_scan_skips_foreign_and_corrupt_values(
     assert await cache.invalidate(pattern=Pattern(system="")) == 5  # no system prompt at all
     assert len(await admin.keys(f"alc:{namespace}:0:e:*")) == 3  # the foreign values, untouched
     assert (await cache.complete([*system, *user("q0")])).source == "upstream"
+
+
+async def test_tagged_writes_survive_a_script_flush(
+    make_cache: Callable[..., LLMCache], admin: aioredis.Redis, namespace: str
+) -> None:
+    writer = make_cache(openai=None, upstream=local_upstream)
+    reader = make_cache(openai=None, upstream=local_upstream)
+    await admin.script_flush()  # as after a Redis restart or failover
+    await writer.complete(user("untagged"))  # loads the commit script again, not the tag script
+    await writer.complete(user("tagged"), cache=CacheControl(tags=["t"]))
+    assert writer.stats()["lease_lost"] == 0
+    assert (await reader.complete(user("tagged"))).source == "redis"
+    assert await admin.zcard(f"alc:{namespace}:0:t:{{t}}") == 1

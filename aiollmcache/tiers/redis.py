@@ -489,36 +489,40 @@ class RedisTier:
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
         if not entry.tags:
             return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
-        return bool(
-            await self._tagged(entry, "COMMIT", lambda pipe: pipe.evalsha(self._commit.sha, 2, *keys, *args))
-        )
+        return bool(await self._tagged(entry, "COMMIT", ("EVALSHA", self._commit.sha, 2, *keys, *args)))
 
-    async def _tagged(self, entry: Entry, op: str, write: Callable[[Any], object]) -> Any:
-        """Add ``entry`` to its tags' sets, then ``write`` it, in one round trip;
-        return what the write returned. The tags come first: an entry is never
-        in Redis without being findable by its tags (a set may name an entry
-        that was not written, which is harmless)."""
+    async def _tagged(self, entry: Entry, op: str, write: tuple[Any, ...]) -> Any:
+        """Add ``entry`` to its tags' sets, then run the command ``write`` that
+        stores it, in one round trip; return what ``write`` returned. The tags
+        come first: an entry is never in Redis without being findable by its
+        tags (a set may name an entry that was not written, which is harmless)."""
         now_ms = math.floor(self._clock() * 1000)
         until = entry.expires_at
         if self._hot is not None:  # a hot entry's life may slide up to max_age
             until = max(until, entry.created_at + self._hot.max_age_ms / 1000)
         args = (entry.key, math.ceil(until * 1000), now_ms)
+        commands = [("EVALSHA", self._tag_add.sha, 1, self.tag_key(tag), *args) for tag in entry.tags]
+        commands.append(write)
+        results: list[Any] = [None] * len(commands)
+        pending = list(range(len(commands)))
         for attempt in range(2):
             # Scripts by hash, without redis-py's check that they are loaded
-            # (a round trip per pipeline): load them only when Redis says so.
+            # (a round trip per pipeline): loaded only when Redis says so, and
+            # then only the commands that failed for it run again.
             pipe = self._client.pipeline(transaction=False)
-            for tag in entry.tags:
-                pipe.evalsha(self._tag_add.sha, 1, self.tag_key(tag), *args)
-            write(pipe)
-            results = await self._call(op, pipe.execute(raise_on_error=False))
-            if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
-                await self._call("SCRIPT LOAD", self._load_scripts())
-                continue
-            for result in results:
-                if isinstance(result, Exception):
-                    raise TierUnavailableError(f"redis {op}: {result}")
-            return results[-1]
-        raise AssertionError("unreachable")
+            for i in pending:
+                pipe.execute_command(*commands[i])
+            replies = await self._call(op, pipe.execute(raise_on_error=False))
+            for i, reply in zip(pending, replies, strict=True):
+                results[i] = reply
+            pending = [i for i in pending if isinstance(results[i], NoScriptError)]
+            if not pending or attempt:
+                break
+            await self._call("SCRIPT LOAD", self._load_scripts())
+        for result in results:
+            if isinstance(result, Exception):
+                raise TierUnavailableError(f"redis {op}: {result}")
+        return results[-1]
 
     async def _load_scripts(self) -> None:
         for script in (self._tag_add, self._commit):
@@ -574,7 +578,7 @@ class RedisTier:
         if not entry.tags:
             await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
             return True
-        await self._tagged(entry, "SET", lambda pipe: pipe.set(rkey, blob, px=ttl_ms))
+        await self._tagged(entry, "SET", ("SET", rkey, blob, "PX", ttl_ms))
         return True
 
     # -- invalidation (see aiollmcache.invalidation) ---------------------------
