@@ -130,13 +130,13 @@ class CacheControl:
         object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
         object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
         object.__setattr__(self, "stale_ttl", _seconds(self.stale_ttl, "CacheControl.stale_ttl", error=bad))
-        if not isinstance(self.tags, (list, tuple, frozenset, set)) or not all(
-            isinstance(t, str) and t and "{" not in t and "}" not in t for t in self.tags
-        ):
-            raise InvalidRequestError(
-                f"CacheControl.tags: expected a list of non-empty strings without braces, got {self.tags!r}"
-            )
-        object.__setattr__(self, "tags", tuple(self.tags))
+        if not isinstance(self.tags, (list, tuple, frozenset, set)):
+            raise InvalidRequestError(f"CacheControl.tags: expected a list of strings, got {self.tags!r}")
+        try:
+            tags = tuple(dict.fromkeys(validate_tag(tag) for tag in self.tags))
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(f"CacheControl.tags: {exc}") from None
+        object.__setattr__(self, "tags", tags)
 
 
 _DEFAULT_CONTROL: Final = CacheControl()
@@ -219,10 +219,13 @@ class LLMCache:
       (``stale=True``) while one background refresh per key replaces it.
     - When Redis fails, calls are answered from memory and the model; failures
       are counted in ``stats()`` and logged at most every few seconds.
+    - :meth:`invalidate` reaches the memory tier of every process sharing the
+      Redis: by message at once, or, when a message is lost, within
+      ``sync_interval + redis_timeout`` for a process that can reach Redis.
 
     Not guaranteed: entries written in Redis by other processes are not pushed
     into this process's memory tier, so one process may serve its memory copy
-    until that copy is stale or expired.
+    until that copy is stale or expired (or invalidated).
 
     Settings (keyword-only; times in seconds or ``timedelta``): ``ttl``,
     ``stale_ttl``; ``memory_max_entries`` (0 disables the memory tier),
@@ -231,7 +234,9 @@ class LLMCache:
     ``redis_max_connections``; ``close_timeout``; single-flight: ``lease_ttl``,
     ``lease_max_lifetime``, ``max_wait``, ``on_wait_timeout``; freshness:
     ``xfetch_beta`` (0: no early refresh), ``max_refreshes``, ``hot_hits``
-    (0: off), ``hot_window``, ``hot_max_age``. See the README and ``docs/``.
+    (0: off), ``hot_window``, ``hot_max_age``; invalidation: ``sync_interval``
+    (how often each process checks for invalidations it missed). See the
+    README and ``docs/``.
     """
 
     def __init__(

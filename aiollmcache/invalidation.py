@@ -306,9 +306,13 @@ class InvalidationBus:
                 async with asyncio.timeout(self._interval):
                     await self._wake.wait()
             self._wake.clear()
-            if self._subscription is None:
-                await self._subscribe()
-            await self.check()
+            try:
+                if self._subscription is None:
+                    await self._subscribe()
+                await self.check()
+            except Exception as exc:  # a bug here must not end the checks
+                self.stats.check_errors += 1
+                self._log.warning("sync", "invalidation check failed: %s: %s", type(exc).__name__, exc)
 
     def _on_message(self, message: bytes | object) -> None:
         if message is RESYNC:

@@ -481,6 +481,8 @@ async def test_no_upstream_configured(fake: FakeOpenAI) -> None:
         {"model": ""},
         {"redis_url": "nope://host"},
         {"semantic": object()},
+        {"sync_interval": 0},
+        {"sync_interval": "1s"},
     ],
 )
 async def test_bad_configuration_is_rejected(kwargs: dict[str, object]) -> None:
@@ -501,9 +503,12 @@ async def test_cache_control_validation() -> None:
         {"tags": None},
         {"tags": [""]},
         {"tags": ["{x}"]},
+        {"tags": ["x" * 257]},
+        {"tags": [3]},
     ):
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(InvalidRequestError, match="CacheControl"):
             CacheControl(**bad)  # type: ignore[arg-type]
+    assert CacheControl(tags=["a", "b", "a"]).tags == ("a", "b")
 
 
 async def test_from_env_with_only_a_base_url(monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI) -> None:
