@@ -221,7 +221,7 @@ class LLMCache:
       are counted in ``stats()`` and logged at most every few seconds.
     - :meth:`invalidate` reaches the memory tier of every process sharing the
       Redis: by message at once, or, when a message is lost, within
-      ``sync_interval + redis_timeout`` for a process that can reach Redis.
+      ``sync_interval + 2 * redis_timeout`` for a process that can reach Redis.
 
     Not guaranteed: entries written in Redis by other processes are not pushed
     into this process's memory tier, so one process may serve its memory copy

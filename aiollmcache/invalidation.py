@@ -13,7 +13,7 @@ Four kinds, one per :meth:`LLMCache.invalidate` call:
   version are never read again and expire on their own. Nothing is scanned.
 
 Reaching every process: after Redis is done, the invalidation is numbered
-(INCR ``alc:<ns>:seq``) and published in one step. Every process applies the
+(``alc:<ns>:sync``) and published in one step. Every process applies the
 messages it receives to its memory tier, in order. Pub/sub loses messages
 across a reconnect, so each process also compares, every ``sync_interval``
 seconds and after every reconnect, the count in Redis with the last number it
@@ -102,11 +102,6 @@ class Pattern:
                 )
         if all(value is None for value in given.values()):
             raise InvalidRequestError("Pattern: give at least one of model, system, system_contains, key")
-
-    @property
-    def needs_header(self) -> bool:
-        """Whether matching needs more than the key."""
-        return self.model is not None or self.system is not None or self.system_contains is not None
 
     def matches(self, key: str, model: str, system: str) -> bool:
         return (
@@ -220,7 +215,7 @@ async def retire(tier: RedisTier, invalidation: Invalidation) -> int | None:
         async for hashes in tier.scan_entries():
             if pattern.key is not None:
                 hashes = [h for h in hashes if fnmatchcase(h, pattern.key)]
-            if hashes and pattern.needs_header:
+            if hashes:  # headers even for a key glob: what is not an entry stays
                 headers = await tier.read_headers(hashes)
                 hashes = [
                     h
@@ -265,6 +260,7 @@ class InvalidationBus:
         self._apply = apply
         self._subscription: Subscription | None = None
         self._seen: int | None = None  # number of the last invalidation applied
+        self._count_id: bytes | None = None  # id of the count that number is in
         self._wake = asyncio.Event()
         self._check_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -301,11 +297,16 @@ class InvalidationBus:
             self._log.warning("sync", "cannot subscribe to invalidations, will retry: %s", exc)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self._interval
         while True:
+            # Counted from the start of the last check, so a slow check does
+            # not push the next one back.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
+                async with asyncio.timeout(max(0.0, next_at - loop.time())):
                     await self._wake.wait()
             self._wake.clear()
+            next_at = loop.time() + self._interval
             try:
                 if self._subscription is None:
                     await self._subscribe()
@@ -321,21 +322,30 @@ class InvalidationBus:
             return
         assert isinstance(message, bytes)
         try:
-            number, _, body = message.partition(b" ")
+            count_id, number, body = message.split(b" ", 2)
             seq = int(number)
             invalidation = Invalidation.decode(body, self._origin)
         except (ValueError, TypeError) as exc:
             self._log.warning("sync", "ignored a malformed invalidation message: %s", exc)
             return
-        seen = self._seen
-        if seen is not None and seq <= seen:
+        if count_id != self._count_id or self._seen is None:
+            # Not synced yet, or Redis lost its count: apply it, and let a
+            # check settle where the count stands.
+            if invalidation.remote:
+                self._receive(invalidation)
+            self._wake.set()
+            return
+        if seq <= self._seen:
             return  # already applied, or covered by dropping the memory tier
-        if seen is not None and seq > seen + 1:
+        if seq > self._seen + 1:
             self._resync()  # a message before this one was lost
         self._seen = seq
         if invalidation.remote:  # this process applied its own before publishing
-            self.stats.received += 1
-            self._apply(invalidation)
+            self._receive(invalidation)
+
+    def _receive(self, invalidation: Invalidation) -> None:
+        self.stats.received += 1
+        self._apply(invalidation)
 
     def _resync(self) -> None:
         self.stats.resyncs += 1
@@ -347,30 +357,35 @@ class InvalidationBus:
         before the call has been applied here."""
         async with self._check_lock:
             self.stats.checks += 1
-            seen = self._seen  # every message applied so far is counted in Redis by now
+            # Every message applied so far is counted in Redis by now, and any
+            # version this process knows of is there too.
+            seen = self._seen
+            known_version = self._tier.version
             try:
-                version, seq = await self._tier.sync_state()
+                version, count_id, seq = await self._tier.sync_state()
             except (TierError, CorruptEntryError) as exc:
                 self.stats.check_errors += 1
                 self._log.warning("sync", "cannot check for missed invalidations: %s", exc)
                 return False
-            if self._tier.version is None or version != self._tier.version:
-                known = self._tier.version is not None
-                self._tier.version = version
-                if known:  # bumped, or Redis lost its data: nothing here is current
+            if self._count_id is None or count_id != self._count_id or seen is None:
+                # First sync, or Redis lost its count (restarted empty, flushed).
+                if known_version is not None:
+                    # Entries were read (the version was known) while this process
+                    # could not know what was invalidated meanwhile.
+                    self._resync()
+                self._tier.version = version  # whatever it is: Redis starts again
+                self._count_id, self._seen = count_id, seq
+            else:
+                current = self._tier.version
+                if current is None or version > current:  # never back: a late reply
                     self._apply(Invalidation(InvalidationKind.EVERYTHING, version=version, remote=True))
-            if seen is None:
-                self._seen = max(seq, self._seen or 0)
-            elif seq < seen:
-                # Redis lost its count (restarted empty, or flushed).
-                self._resync()
-                self._seen = seq
-            elif seq > seen:
-                # Ahead of us: wait for the messages already on their way.
-                if self._subscription is not None:
-                    await self._subscriber.barrier()
-                if self._seen is None or self._seen < seq:
-                    self._resync()  # missed at least one
-                    self._seen = seq
+                    self._tier.version = max(version, self._tier.version or 0)
+                if seq > seen:
+                    # Ahead of us: wait for the messages already on their way.
+                    if self._subscription is not None:
+                        await self._subscriber.barrier()
+                    if self._seen is None or self._seen < seq:
+                        self._resync()  # missed at least one
+                        self._seen = seq
             self.synced_at = time.time()
             return True

@@ -129,7 +129,7 @@ async def test_remote_waiters_get_the_failure_at_once(
     assert (error.error_type, error.status_code) == ("RateLimitError", 429)
     assert fake.calls("rate limited") == 1
     assert await redis_keys(redis_server, "alc:*rate*") == []
-    assert await redis_keys(redis_server, f"alc:{holder._namespace}:*") == []  # no entry, no lease
+    assert await redis_keys(redis_server, f"alc:{holder._namespace}:0:*") == []  # no entry, no lease
 
 
 async def test_upstream_timeout_is_shared_the_same_way(
@@ -148,7 +148,7 @@ async def test_upstream_timeout_is_shared_the_same_way(
         assert isinstance(second[0], RemoteUpstreamError)
         assert second[0].error_type == "APITimeoutError"
         assert fake.calls("hangs") == 1
-        assert await redis_keys(redis_server, f"alc:{namespace}:*") == []
+        assert await redis_keys(redis_server, f"alc:{namespace}:0:*") == []
     finally:
         await slow_client.close()
 
@@ -194,7 +194,7 @@ async def test_unstorable_answer_releases_the_lease_at_once(
     try:
         c = make_cache(max_entry_bytes=10_000, lease_ttl=30)
         assert (await c.complete(user("too big"))).source == "upstream"
-        assert await redis_keys(redis_server, f"alc:{namespace}:*") == []
+        assert await redis_keys(redis_server, f"alc:{namespace}:0:*") == []
         assert c.stats()["store_skipped"] == 1
     finally:
         fake.answer_chars = 0

@@ -179,7 +179,7 @@ async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
     assert errors == {"InternalServerError": 50, "RemoteUpstreamError": 100}
     r = aioredis.Redis.from_url(redis_server.url)
     try:
-        assert await r.keys(f"alc:{namespace}:*") == []  # no entry, no lease left behind
+        assert await r.keys(f"alc:{namespace}:0:*") == []  # no entry, no lease left behind
     finally:
         await r.aclose()
 

@@ -1,11 +1,14 @@
 """The Redis tier: key layout, one round trip per hit, errors mapped at the boundary.
 
 Key layout (the ``{hash}`` hash tag is the only pair of braces in a key, so an
-entry and everything else about it share one Redis Cluster slot)::
+entry and everything else about it share one Redis Cluster slot; a tag's sets
+share their ``{tag}`` slot, and are written in the entry's script, which on
+Redis Cluster would need them in the entry's slot)::
 
     alc:<ns>:version              namespace version (INCR retires every entry)
-    alc:<ns>:seq                  number of invalidations published (see below)
-    alc:<ns>:inv                  pub/sub channel: "<seq> <invalidation JSON>"
+    alc:<ns>:sync                 hash: invalidations published ("seq") and a random
+                                  "id", new whenever Redis lost the hash
+    alc:<ns>:inv                  pub/sub channel: "<id> <seq> <invalidation JSON>"
     alc:<ns>:<ver>:e:{<hash>}     entry (see :mod:`aiollmcache.entry`)
     alc:<ns>:<ver>:l:{<hash>}     lease: token of the process computing the entry
     alc:<ns>:<ver>:n:{<hash>}     pub/sub channel: "done[:<entry>]", "retry" or "fail:<json>"
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -33,7 +37,7 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..entry import (
@@ -137,13 +141,43 @@ end
 return 0
 """
 
+# Add the entry ARGV[m] to the tag sets KEYS[first..]: scored by when it
+# expires at the latest (ARGV[m+1] ms from now, by Redis's clock, the clock
+# that expires keys), with up to 64 expired members pruned per set and write
+# (so a write never blocks Redis for long and a set shrinks faster than it
+# grows), each set expiring with its longest-lived member. Written in the same
+# script as the entry: a tag invalidation never runs between the two, so an
+# entry is never in Redis without being in its tags' sets.
+_TAG = """
+local function tag(first, m)
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  local life = tonumber(ARGV[m + 1])
+  for i = first, #KEYS do
+    redis.call('ZADD', KEYS[i], 'GT', now + life, ARGV[m])
+    local expired = redis.call('ZRANGE', KEYS[i], '-inf', now, 'BYSCORE', 'LIMIT', 0, 64)
+    if #expired > 0 then
+      redis.call('ZREM', KEYS[i], unpack(expired))
+    end
+    if life > 0 and redis.call('PTTL', KEYS[i]) < life then
+      redis.call('PEXPIRE', KEYS[i], life)
+    end
+  end
+end
+"""
+
 # Write the entry only while holding the lease, then release it and wake the
 # waiters, all in one step: a holder that lost its lease writes nothing. The
 # message carries the entry itself (ARGV[5] = "1") when it is small, so
-# waiters need no read.
-_COMMIT = """
+# waiters need no read. KEYS[3..] are its tags' sets (ARGV[6], ARGV[7]: see _TAG).
+_COMMIT = (
+    _TAG
+    + """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 0
+end
+if #KEYS > 2 then
+  tag(3, 6)
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[2])
@@ -154,6 +188,7 @@ else
 end
 return 1
 """
+)
 
 # Give the lease back without an entry, telling the waiters why.
 _ABANDON = """
@@ -166,23 +201,16 @@ return 1
 """
 
 
-# Add an entry to a tag's set (KEYS[1]): ARGV[1] the entry's hash, ARGV[2] the
-# latest it may expire (ms since the epoch), ARGV[3] now (ms). Members whose
-# entries have expired are pruned, at most 64 per write (so a write never
-# blocks Redis for long and the set shrinks faster than it grows), and the
-# set itself expires with its longest-lived member.
-_TAG_ADD = """
-redis.call('ZADD', KEYS[1], 'GT', ARGV[2], ARGV[1])
-local expired = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[3], 'BYSCORE', 'LIMIT', 0, 64)
-if #expired > 0 then
-  redis.call('ZREM', KEYS[1], unpack(expired))
-end
-local ttl = tonumber(ARGV[2]) - tonumber(ARGV[3])
-if ttl > 0 and redis.call('PTTL', KEYS[1]) < ttl then
-  redis.call('PEXPIRE', KEYS[1], ttl)
-end
+# Store a tagged entry (KEYS[1], ARGV[1] for ARGV[2] ms) and add it to its
+# tags' sets (KEYS[2..]; ARGV[3], ARGV[4]: see _TAG).
+_SET_TAGGED = (
+    _TAG
+    + """
+tag(2, 3)
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
+)
 
 # Take a tag's set (KEYS[1]) over for retirement (KEYS[2]): entries tagged
 # from now on go into a new set and survive. A retirement left unfinished (its
@@ -190,8 +218,11 @@ return 1
 _TAG_RETIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if redis.call('EXISTS', KEYS[2]) == 1 then
+    local ttl = math.max(redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2]))
     redis.call('ZUNIONSTORE', KEYS[2], 2, KEYS[2], KEYS[1], 'AGGREGATE', 'MAX')
-    redis.call('PEXPIRE', KEYS[2], math.max(redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2])))
+    if ttl > 0 then
+      redis.call('PEXPIRE', KEYS[2], ttl)
+    end
     redis.call('DEL', KEYS[1])
   else
     redis.call('RENAME', KEYS[1], KEYS[2])
@@ -200,12 +231,25 @@ end
 return redis.call('ZCARD', KEYS[2])
 """
 
-# Number an invalidation (KEYS[1] counts them) and broadcast it, in one step:
-# a process that sees the count ahead of the messages it got knows it missed one.
+# Number an invalidation (the hash KEYS[1] counts them) and broadcast it, in
+# one step: a process that sees the count ahead of the messages it got knows
+# it missed one. The count comes with an id (ARGV[3] if there is none yet): a
+# count that started again (Redis lost the hash) has a new id.
 _PUBLISH_INVALIDATION = """
-local seq = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], seq .. ' ' .. ARGV[2])
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id then
+  id = ARGV[3]
+  redis.call('HSET', KEYS[1], 'id', id)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('PUBLISH', ARGV[1], id .. ' ' .. seq .. ' ' .. ARGV[2])
 return seq
+"""
+
+# The invalidation count and its id (ARGV[1] if there is none yet).
+_SYNC_STATE = """
+redis.call('HSETNX', KEYS[1], 'id', ARGV[1])
+return redis.call('HMGET', KEYS[1], 'id', 'seq')
 """
 
 # Invalidation works in small steps, one round trip each, so that Redis serves
@@ -369,9 +413,10 @@ class RedisTier:
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
-        self._seq_key = f"{KEY_PREFIX}:{namespace}:seq"
+        self._sync_key = f"{KEY_PREFIX}:{namespace}:sync"
+        self._sync_state = client.register_script(_SYNC_STATE)
         self.invalidation_channel = f"{KEY_PREFIX}:{namespace}:inv"
-        self._tag_add = client.register_script(_TAG_ADD)
+        self._set_tagged = client.register_script(_SET_TAGGED)
         self._tag_retire = client.register_script(_TAG_RETIRE)
         self._publish_invalidation = client.register_script(_PUBLISH_INVALIDATION)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
@@ -498,46 +543,18 @@ class RedisTier:
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
         inline = "1" if len(blob) <= _INLINE_NOTIFICATION_BYTES else "0"
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
-        if not entry.tags:
-            return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
-        return bool(await self._tagged(entry, "COMMIT", ("EVALSHA", self._commit.sha, 2, *keys, *args)))
+        if entry.tags:
+            keys += [self.tag_key(tag) for tag in entry.tags]
+            args += [entry.key, self._tag_life_ms(entry)]
+        return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
 
-    async def _tagged(self, entry: Entry, op: str, write: tuple[Any, ...]) -> Any:
-        """Add ``entry`` to its tags' sets, then run the command ``write`` that
-        stores it, in one round trip; return what ``write`` returned. The tags
-        come first: an entry is never in Redis without being findable by its
-        tags (a set may name an entry that was not written, which is harmless)."""
-        now_ms = math.floor(self._clock() * 1000)
+    def _tag_life_ms(self, entry: Entry) -> int:
+        """How long from now an entry may live at the latest: its tags' sets
+        keep it that long."""
         until = entry.expires_at
         if self._hot is not None:  # a hot entry's life may slide up to max_age
             until = max(until, entry.created_at + self._hot.max_age_ms / 1000)
-        args = (entry.key, math.ceil(until * 1000), now_ms)
-        commands = [("EVALSHA", self._tag_add.sha, 1, self.tag_key(tag), *args) for tag in entry.tags]
-        commands.append(write)
-        results: list[Any] = [None] * len(commands)
-        pending = list(range(len(commands)))
-        for attempt in range(2):
-            # Scripts by hash, without redis-py's check that they are loaded
-            # (a round trip per pipeline): loaded only when Redis says so, and
-            # then only the commands that failed for it run again.
-            pipe = self._client.pipeline(transaction=False)
-            for i in pending:
-                pipe.execute_command(*commands[i])
-            replies = await self._call(op, pipe.execute(raise_on_error=False))
-            for i, reply in zip(pending, replies, strict=True):
-                results[i] = reply
-            pending = [i for i in pending if isinstance(results[i], NoScriptError)]
-            if not pending or attempt:
-                break
-            await self._call("SCRIPT LOAD", self._load_scripts())
-        for result in results:
-            if isinstance(result, Exception):
-                raise TierUnavailableError(f"redis {op}: {result}")
-        return results[-1]
-
-    async def _load_scripts(self) -> None:
-        for script in (self._tag_add, self._commit):
-            await self._client.script_load(script.script)
+        return max(1, math.ceil((until - self._clock()) * 1000))
 
     def decode_notification(self, key: str, message: bytes) -> Entry | None:
         """The entry carried by a "done:" message, or None (none carried, or
@@ -589,22 +606,24 @@ class RedisTier:
         if not entry.tags:
             await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
             return True
-        await self._tagged(entry, "SET", ("SET", rkey, blob, "PX", ttl_ms))
+        keys = [rkey, *(self.tag_key(tag) for tag in entry.tags)]
+        args: list[bytes | str | int] = [blob, ttl_ms, entry.key, self._tag_life_ms(entry)]
+        await self._call("SET", self._set_tagged(keys=keys, args=args))
         return True
 
     # -- invalidation (see aiollmcache.invalidation) ---------------------------
 
-    async def sync_state(self) -> tuple[int, int]:
-        """The namespace version and the number of invalidations published, in
-        one round trip."""
+    async def sync_state(self) -> tuple[int, bytes, int]:
+        """The namespace version, and the id and number of the invalidations
+        published."""
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self._version_key)
-        pipe.get(self._seq_key)
-        raw_version, raw_seq = await self._call("GET version", pipe.execute())
+        await self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)], client=pipe)
+        raw_version, (raw_id, raw_seq) = await self._call("sync state", pipe.execute())
         try:
-            return int(raw_version or 0), int(raw_seq or 0)
-        except ValueError:
-            raise CorruptEntryError(f"{self._version_key} or {self._seq_key} is not an integer") from None
+            return int(raw_version or 0), bytes(raw_id), int(raw_seq or 0)
+        except (TypeError, ValueError):
+            raise CorruptEntryError(f"{self._version_key} or {self._sync_key} is malformed") from None
 
     async def bump_version(self) -> int:
         """Retire every entry of the namespace: they stay where they are, under a
@@ -616,8 +635,8 @@ class RedisTier:
 
     async def publish_invalidation(self, message: bytes) -> int:
         """Number ``message`` and broadcast it to every process; return its number."""
-        keys = [self._seq_key]
-        args: list[str | bytes] = [self.invalidation_channel, message]
+        keys = [self._sync_key]
+        args: list[str | bytes] = [self.invalidation_channel, message, secrets.token_hex(8)]
         return int(await self._call("PUBLISH", self._publish_invalidation(keys=keys, args=args)))
 
     async def unlink(self, hashes: list[str]) -> int:
