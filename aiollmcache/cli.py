@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import sys
@@ -165,7 +166,7 @@ async def _invalidate(args: argparse.Namespace) -> str:
         retired = await cache.invalidate(**kwargs)  # type: ignore[arg-type]
     if retired is None:
         return f"namespace {args.namespace!r}: every entry retired (a new namespace version)"
-    return f"namespace {args.namespace!r}: {retired} entries retired"
+    return f"namespace {args.namespace!r}: {retired} {'entry' if retired == 1 else 'entries'} retired"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,6 +203,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "invalidate":
         if not args.redis_url:
             parser.error("invalidate: give --redis-url or set AIOLLMCACHE_REDIS_URL")
+        kinds = [args.key is not None, args.tag is not None, args.everything]
+        kinds.append(
+            any(v is not None for v in (args.model, args.system, args.system_contains, args.key_glob))
+        )
+        if sum(kinds) != 1:
+            parser.error(
+                "invalidate: give one of --key, --tag, --everything, or pattern options "
+                "(--model, --system, --system-contains, --key-glob)"
+            )
+        # The outcome is printed below; the library's own warnings would repeat it.
+        logging.getLogger("aiollmcache").setLevel(logging.ERROR)
         try:
             print(asyncio.run(_invalidate(args)))
         except InvalidRequestError as exc:

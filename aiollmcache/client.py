@@ -121,7 +121,7 @@ class CacheControl:
     ttl: Seconds | None = None
     stale_ttl: Seconds | None = None
     max_age: Seconds | None = None
-    tags: Sequence[str] = ()
+    tags: Sequence[str] | None = ()
     no_cache: bool = False
     no_store: bool = False
 
@@ -130,6 +130,8 @@ class CacheControl:
         object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
         object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
         object.__setattr__(self, "stale_ttl", _seconds(self.stale_ttl, "CacheControl.stale_ttl", error=bad))
+        if self.tags is None:
+            object.__setattr__(self, "tags", ())
         if not isinstance(self.tags, (list, tuple, frozenset, set)):
             raise InvalidRequestError(f"CacheControl.tags: expected a list of strings, got {self.tags!r}")
         try:
@@ -521,7 +523,15 @@ class LLMCache:
         self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, **params: Any
     ) -> str:
         """The cache key of a request, as ``complete()`` would compute it (no I/O):
-        what ``invalidate(key=...)`` takes."""
+        what ``invalidate(key=...)`` takes.
+
+        Pass the same messages and parameters as to ``complete()`` (without
+        ``cache=``). The key also depends on the upstream (its base URL): ask
+        a cache built with the same ``openai=`` client as the one that stored
+        the answer.
+        """
+        if "cache" in params:
+            raise InvalidRequestError("key_for: cache= does not change the key; leave it out")
         if model is not None:
             params["model"] = model
         return build_chat_request(
@@ -864,7 +874,7 @@ class LLMCache:
             model=request.model,
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
-            tags=tuple(control.tags),
+            tags=tuple(control.tags or ()),
             system=system_text(request.params["messages"]),
         )
 

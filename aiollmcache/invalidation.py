@@ -100,6 +100,8 @@ class Pattern:
                     f"Pattern.{name}: expected a non-empty string of at most {_MAX_TEXT} characters, "
                     f"got {value!r}"
                 )
+        if self.key is not None and self.key != self.key.lower():
+            raise InvalidRequestError(f"Pattern.key: cache keys are lowercase hex, got {self.key!r}")
         if all(value is None for value in given.values()):
             raise InvalidRequestError("Pattern: give at least one of model, system, system_contains, key")
 

@@ -140,7 +140,12 @@ async def test_bad_arguments_fail_before_any_io(kwargs: dict[str, Any], message:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({}, "at least one"), ({"model": ""}, "Pattern.model"), ({"system": 3}, "Pattern.system")],
+    [
+        ({}, "at least one"),
+        ({"model": ""}, "Pattern.model"),
+        ({"system": 3}, "Pattern.system"),
+        ({"key": "AB*"}, "lowercase"),
+    ],
 )
 async def test_patterns_are_checked(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidRequestError, match=message):
