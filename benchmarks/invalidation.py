@@ -272,7 +272,8 @@ async def impact(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
         "invalidate(pattern=Pattern(system_contains=...))": {
             "pattern": Pattern(system_contains="2026 catalogue")
         },
-        "KEYS + DEL (common recipe)": None,
+        "KEYS + DEL (common recipe)": "naive",
+        "control: 3 s of Python busy work, no Redis": "busy",
     }
     try:
         for name, kwargs in contenders.items():
@@ -286,8 +287,14 @@ async def impact(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
                 hitter.send(op="hit", seconds=args.idle + args.window)
                 await asyncio.sleep(args.idle)  # the hitter's idle phase, measured for comparison
                 started = time.monotonic()
-                if kwargs is None:
+                if kwargs == "naive":
                     retired = await naive_retire(admin, namespace, f"alc:{namespace}:0:e:{{{hot.key}}}")
+                elif kwargs == "busy":
+                    # What the machine alone does to the hitter's latency when
+                    # this process keeps a core busy, as an invalidation does.
+                    while time.monotonic() - started < 3.0:
+                        sum(range(1000))
+                    retired = 0
                 else:
                     retired = await cache.invalidate(**kwargs)
                 finished = time.monotonic()
