@@ -617,10 +617,10 @@ class RedisTier:
     async def sync_state(self) -> tuple[int, bytes, int]:
         """The namespace version, and the id and number of the invalidations
         published."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.get(self._version_key)
-        await self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)], client=pipe)
-        raw_version, (raw_id, raw_seq) = await self._call("sync state", pipe.execute())
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.get(self._version_key)
+            await self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)], client=pipe)
+            raw_version, (raw_id, raw_seq) = await self._call("sync state", pipe.execute())
         try:
             return int(raw_version or 0), bytes(raw_id), int(raw_seq or 0)
         except (TypeError, ValueError):
@@ -664,10 +664,10 @@ class RedisTier:
             if not members:
                 return removed
             hashes = [m.decode() for m in cast(list[bytes], members)]
-            pipe = self._client.pipeline(transaction=False)
-            pipe.unlink(*[self.entry_key(h) for h in hashes])
-            pipe.zrem(retiring, *members)
-            unlinked, _ = await self._call("UNLINK tagged", pipe.execute())
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.unlink(*[self.entry_key(h) for h in hashes])
+                pipe.zrem(retiring, *members)
+                unlinked, _ = await self._call("UNLINK tagged", pipe.execute())
             removed += int(unlinked)
 
     async def scan_entries(self, match: str = "*") -> AsyncIterator[list[str]]:
@@ -702,10 +702,10 @@ class RedisTier:
         return [h if isinstance(h, Header) else None for h in headers]
 
     async def _getrange(self, rkeys: list[str], lengths: list[int]) -> list[bytes]:
-        pipe = self._client.pipeline(transaction=False)
-        for rkey, length in zip(rkeys, lengths, strict=True):
-            pipe.getrange(rkey, 0, length - 1)
-        return cast(list[bytes], await self._call("GETRANGE", pipe.execute(raise_on_error=False)))
+        async with self._client.pipeline(transaction=False) as pipe:
+            for rkey, length in zip(rkeys, lengths, strict=True):
+                pipe.getrange(rkey, 0, length - 1)
+            return cast(list[bytes], await self._call("GETRANGE", pipe.execute(raise_on_error=False)))
 
     @staticmethod
     def _header(prefix: object) -> Header | int | None:
