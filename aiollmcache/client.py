@@ -237,8 +237,9 @@ class LLMCache:
     ``lease_max_lifetime``, ``max_wait``, ``on_wait_timeout``; freshness:
     ``xfetch_beta`` (0: no early refresh), ``max_refreshes``, ``hot_hits``
     (0: off), ``hot_window``, ``hot_max_age``; invalidation: ``sync_interval``
-    (how often each process checks for invalidations it missed). See the
-    README and ``docs/``.
+    (how often each process checks for invalidations it missed); Redis
+    outages: ``breaker_failures`` (failures in a row that make the cache skip
+    Redis, 0: never), ``breaker_probe_interval``. See the README and ``docs/``.
     """
 
     def __init__(
@@ -269,6 +270,8 @@ class LLMCache:
         hot_window: Seconds = 60.0,
         hot_max_age: Seconds = 86_400.0,
         sync_interval: Seconds = 1.0,
+        breaker_failures: int = 5,
+        breaker_probe_interval: Seconds = 1.0,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -318,6 +321,11 @@ class LLMCache:
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
                 hot=hot_keys,
+                breaker_failures=_count(breaker_failures, "breaker_failures"),
+                breaker_probe_interval=_seconds(
+                    breaker_probe_interval, "breaker_probe_interval", positive=True
+                )
+                or 1.0,
             )
         if on_wait_timeout not in ("raise", "upstream"):
             raise ConfigurationError(
@@ -660,6 +668,11 @@ class LLMCache:
             lease = self._coordinator.stats
             snapshot["stores"] += lease.committed
             snapshot.update({f"lease_{name}": value for name, value in asdict(lease).items()})
+        if self._redis is not None:
+            breaker = self._redis.breaker
+            snapshot["redis_breaker_open"] = int(breaker.open)
+            snapshot["redis_breaker_opened"] = breaker.opened
+            snapshot["redis_skipped"] = breaker.skipped
         if self._bus is not None:
             sync = self._bus.stats
             snapshot.update({f"invalidations_{name}": value for name, value in asdict(sync).items()})

@@ -482,10 +482,12 @@ class RedisServer:
     """A private ``redis-server`` on a free loopback port, nothing saved to disk.
 
     Starts on ``start()``/``with``; ``url`` is then its ``redis://`` URL.
-    ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT) to simulate a hung server.
+    ``pause()``/``resume()`` freeze it (SIGSTOP/SIGCONT) to simulate a hung
+    server; ``kill()`` crashes it (SIGKILL) and ``restart()`` starts it again,
+    empty, on the same port.
     """
 
-    def __init__(self, *, executable: str | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, *, executable: str | None = None, args: tuple[str, ...] = (), port: int = 0) -> None:
         found = executable or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(found):
             raise FileNotFoundError(
@@ -495,7 +497,8 @@ class RedisServer:
         self._args = args
         self._proc: subprocess.Popen[bytes] | None = None
         self._drain: threading.Thread | None = None
-        self.port = 0
+        self._want_port = port
+        self.port = port
 
     @property
     def url(self) -> str:
@@ -506,7 +509,7 @@ class RedisServer:
         line says so), or raise RuntimeError after ``timeout`` seconds."""
         last_output = b""
         for _ in range(5):  # the free port may be taken between probe and bind
-            port = _free_port()
+            port = self._want_port or _free_port()
             argv = [self._executable, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
             argv += ["--appendonly", "no", "--daemonize", "no", "--logfile", "", *self._args]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -555,6 +558,19 @@ class RedisServer:
             self._drain.join(timeout=5)
         if proc.stdout is not None:
             proc.stdout.close()
+
+    def kill(self) -> None:
+        """Crash the server (SIGKILL): connections drop, nothing is saved."""
+        assert self._proc is not None
+        self._proc.kill()
+        self._proc.wait()
+        self.stop()
+
+    def restart(self, timeout: float = 10.0) -> RedisServer:
+        """Start the server again, empty, on the port it had."""
+        self.stop()
+        self._want_port = self.port
+        return self.start(timeout)
 
     def pause(self) -> None:
         assert self._proc is not None

@@ -26,6 +26,8 @@ or :class:`TierTimeoutError`; bytes that are not a valid entry are removed
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import math
 import re
 import secrets
@@ -37,9 +39,11 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .._log import RateLimitedLogger, logger
 from ..entry import (
     HEADER_PREFIX_BYTES,
     MISSING,
@@ -301,6 +305,101 @@ def _translate(op: str, timeout: float, exc: BaseException) -> TierError:
     return TierUnavailableError(f"redis {op}: {exc}")
 
 
+def _pool_exhausted(exc: BaseException) -> bool:
+    # redis-py's BlockingConnectionPool, when no connection came free in time:
+    # this process is busy, Redis is not down.
+    return isinstance(exc, RedisConnectionError) and str(exc).startswith("No connection available")
+
+
+class CircuitBreaker:
+    """Stops calls from waiting on a Redis that is down.
+
+    After ``failures`` operations in a row failed for want of Redis (refused,
+    reset, or timed out while Redis answered nothing else for as long; not a
+    Redis error reply, nor a wait for a free pooled connection while other
+    commands complete), the breaker opens: operations fail at once with
+    :class:`TierUnavailableError`, without I/O. While open, a task probes
+    Redis (PING) every ``probe_interval`` seconds and closes the breaker when
+    Redis answers. Any success resets the count. ``failures == 0`` disables it.
+    """
+
+    __slots__ = (
+        "_answered_at",
+        "_client",
+        "_consecutive",
+        "_failures",
+        "_interval",
+        "_log",
+        "_probe",
+        "_timeout",
+        "opened",
+        "skipped",
+    )
+
+    def __init__(
+        self, client: aioredis.Redis, *, failures: int, probe_interval: float, timeout: float
+    ) -> None:
+        self._client = client
+        self._failures = failures
+        self._interval = probe_interval
+        self._timeout = timeout
+        self._consecutive = 0
+        self._answered_at = 0.0  # time.monotonic() of the last answer from Redis
+        self._probe: asyncio.Task[None] | None = None
+        self._log = RateLimitedLogger()
+        self.opened = 0  # times it opened
+        self.skipped = 0  # operations refused while open
+
+    @property
+    def open(self) -> bool:
+        return self._probe is not None
+
+    def success(self) -> None:
+        self._consecutive = 0
+        self._answered_at = time.monotonic()
+
+    def timeout(self) -> None:
+        """An operation ran out of time: a failure only if Redis answered
+        nothing else meanwhile (else this process is merely busy: its
+        operations queue for connections or for the event loop)."""
+        if time.monotonic() - self._answered_at >= self._timeout:
+            self.failure()
+
+    def failure(self) -> None:
+        self._consecutive += 1
+        if self._failures and self._consecutive >= self._failures and self._probe is None:
+            self.opened += 1
+            logger.warning(
+                "Redis failed %d times in a row: skipping it, probing every %.1fs",
+                self._consecutive,
+                self._interval,
+            )
+            self._probe = asyncio.get_running_loop().create_task(
+                self._probe_until_back(), name="aiollmcache-probe"
+            )
+
+    async def _probe_until_back(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._client.ping()
+            except (TimeoutError, RedisError, OSError) as exc:
+                self._log.warning("probe", "Redis still unavailable: %s", exc)
+                continue
+            logger.warning("Redis answers again: using it")
+            self._consecutive = 0
+            self._probe = None
+            return
+
+    async def aclose(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+
+
 # Entries up to this size travel inside the "done" notification.
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
@@ -400,6 +499,8 @@ class RedisTier:
         compress_above: int,
         max_entry_bytes: int,
         hot: HotKeys | None = None,
+        breaker_failures: int = 0,
+        breaker_probe_interval: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
@@ -410,6 +511,9 @@ class RedisTier:
         self._owns_client = owns_client
         self._timeout = timeout
         self._budget = _Budget(timeout)
+        self.breaker = CircuitBreaker(
+            client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
+        )
         self._compress_above = compress_above
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
@@ -578,18 +682,33 @@ class RedisTier:
         (A coroutine, not a context manager, and no timer of its own: this is
         the hit path, see :class:`_Budget`.)
         """
+        breaker = self.breaker
+        if breaker.open:
+            breaker.skipped += 1
+            if inspect.iscoroutine(command):
+                command.close()
+            raise TierUnavailableError(f"redis {op}: skipped, Redis failed repeatedly (circuit open)")
         deadline = self._budget.start()
         try:
-            return await command
+            result = await command
         except asyncio.CancelledError:
             # Ours only if the budget fired and nobody else cancelled the task.
             if deadline.fired and deadline.task.uncancel() == 0:
+                breaker.timeout()
                 raise TierTimeoutError(f"redis {op}: no answer within {self._timeout}s") from None
             raise
         except _ERRORS as exc:
+            if isinstance(exc, ResponseError):
+                breaker.success()  # Redis is there: it answered, with an error
+            elif isinstance(exc, (TimeoutError, RedisTimeoutError)) or _pool_exhausted(exc):
+                breaker.timeout()
+            else:
+                breaker.failure()
             raise _translate(op, self._timeout, exc) from exc
         finally:
             self._budget.finish(deadline)
+        breaker.success()
+        return result
 
     def encode(self, entry: Entry) -> bytes:
         return encode_entry(entry, compress_above=self._compress_above)
@@ -717,5 +836,6 @@ class RedisTier:
             return None
 
     async def aclose(self) -> None:
+        await self.breaker.aclose()
         if self._owns_client:
             await self._call("close", self._client.aclose(close_connection_pool=True))
