@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion
 
 from ._log import RateLimitedLogger, logger
+from .crypto import AESGCMSealer
 from .entry import MISSING, Entry
 from .errors import (
     CacheClosedError,
@@ -272,6 +273,7 @@ class LLMCache:
         sync_interval: Seconds = 1.0,
         breaker_failures: int = 5,
         breaker_probe_interval: Seconds = 1.0,
+        encryption_key: bytes | None = None,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -310,6 +312,7 @@ class LLMCache:
             except ValueError as exc:
                 raise ConfigurationError(f"redis_url: {exc}") from exc
         self._redis: RedisTier | None = None
+        sealer = AESGCMSealer(encryption_key) if encryption_key is not None else None
         hot_keys = self._hot_keys(hot_hits, hot_window, hot_max_age)
         self._hot_sliding = redis is not None and hot_keys is not None
         if redis is not None:
@@ -326,6 +329,7 @@ class LLMCache:
                     breaker_probe_interval, "breaker_probe_interval", positive=True
                 )
                 or 1.0,
+                sealer=sealer,
             )
         if on_wait_timeout not in ("raise", "upstream"):
             raise ConfigurationError(
@@ -592,8 +596,7 @@ class LLMCache:
         await bus.publish(invalidation)
         return count
 
-    @staticmethod
-    def _invalidation(key: object, tag: object, pattern: object, everything: object) -> Invalidation:
+    def _invalidation(self, key: object, tag: object, pattern: object, everything: object) -> Invalidation:
         if not isinstance(everything, bool):
             raise InvalidRequestError(f"everything: expected True or False, got {everything!r}")
         named = (("key", key), ("tag", tag), ("pattern", pattern))
@@ -613,6 +616,11 @@ class LLMCache:
             if not isinstance(pattern, Pattern):
                 raise InvalidRequestError(
                     f"pattern: expected a Pattern(model=..., system=..., key=...), got {pattern!r}"
+                )
+            if pattern.on_system and self._redis is not None and self._redis.sealer is not None:
+                raise InvalidRequestError(
+                    "pattern: the system prompt is encrypted in Redis (encryption_key), so it cannot be "
+                    "matched there; use tags, the model or the key"
                 )
             return Invalidation(InvalidationKind.PATTERN, pattern=pattern)
         return Invalidation(InvalidationKind.EVERYTHING)

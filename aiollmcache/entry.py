@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import struct
 import zlib
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import openai
 import orjson
@@ -35,6 +35,9 @@ from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
 from .errors import CorruptEntryError
+
+if TYPE_CHECKING:
+    from .crypto import Sealer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,7 +54,9 @@ FORMAT_VERSION: Final = 3
 _MAGIC: Final = b"\xa1LC"
 _PREFIX: Final = _MAGIC + bytes([FORMAT_VERSION])
 _FLAG_ZLIB: Final = 0x01
-_KNOWN_FLAGS: Final = _FLAG_ZLIB
+_FLAG_SEALED: Final = 0x02
+_KNOWN_FLAGS: Final = _FLAG_ZLIB | _FLAG_SEALED
+_SYSTEM_LEN = struct.Struct(">I")
 _HEADER_LEN = struct.Struct(">II")  # header length, CRC-32 of header and body
 _HEADER_START: Final = len(_PREFIX) + 1 + _HEADER_LEN.size
 _ZLIB_LEVEL: Final = 1
@@ -185,9 +190,10 @@ def _first_content(body: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
+def encode_entry(entry: Entry, *, compress_above: int, sealer: Sealer | None = None) -> bytes:
     """Encode ``entry``; the body is compressed when the entry is larger than
-    ``compress_above`` bytes."""
+    ``compress_above`` bytes. With a ``sealer`` the body and the system prompt
+    are encrypted (see :mod:`aiollmcache.crypto`)."""
     header = orjson.dumps(
         [
             _ENVIRONMENT,
@@ -200,14 +206,18 @@ def encode_entry(entry: Entry, *, compress_above: int) -> bytes:
             entry.prompt_tokens,
             entry.completion_tokens,
             entry.tags,
-            entry.system,
+            entry.system if sealer is None else "",
         ]
     )
-    body, flags = entry.raw, b"\x00"
+    body, flags = entry.raw, 0
     if len(header) + len(body) > compress_above:
-        body, flags = zlib.compress(body, _ZLIB_LEVEL), bytes([_FLAG_ZLIB])
+        body, flags = zlib.compress(body, _ZLIB_LEVEL), _FLAG_ZLIB
+    if sealer is not None:
+        system = entry.system.encode()
+        body = sealer.seal(_SYSTEM_LEN.pack(len(system)) + system + body, header)
+        flags |= _FLAG_SEALED
     checksum = zlib.crc32(body, zlib.crc32(header))
-    return b"".join((_PREFIX, flags, _HEADER_LEN.pack(len(header), checksum), header, body))
+    return b"".join((_PREFIX, bytes([flags]), _HEADER_LEN.pack(len(header), checksum), header, body))
 
 
 def _decompress(data: bytes | memoryview, limit: int) -> bytes:
@@ -260,8 +270,10 @@ def _fields(header: object, key: str | None) -> tuple[Any, ...]:
     return tuple(header)
 
 
-def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
-    """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid."""
+def decode_entry(blob: bytes, key: str, *, max_bytes: int, sealer: Sealer | None = None) -> Entry:
+    """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid
+    (and, with a ``sealer``, if not encrypted with its key; without one, if
+    encrypted)."""
     flags, header_len, checksum = _split(blob)
     header_end = _HEADER_START + header_len
     if header_end > len(blob):
@@ -274,8 +286,30 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
     except orjson.JSONDecodeError as exc:
         raise CorruptEntryError(f"bad header: {exc}") from exc
     (env, _, created, fresh_until, expires_at, compute_ms, model, pt, ct, tags, system) = _fields(header, key)
-    # No copy of an uncompressed response but the one slice that keeps it.
-    raw = _decompress(view[header_end:], max_bytes) if flags & _FLAG_ZLIB else blob[header_end:]
+    body: bytes | memoryview = view[header_end:]
+    if (sealer is not None) != bool(flags & _FLAG_SEALED):
+        raise CorruptEntryError(
+            "entry is not encrypted, and this cache requires it"
+            if sealer is not None
+            else "entry is encrypted, and this cache has no encryption key"
+        )
+    if sealer is not None:
+        plain = sealer.open(bytes(body), bytes(view[_HEADER_START:header_end]))
+        if len(plain) < _SYSTEM_LEN.size:
+            raise CorruptEntryError("encrypted body truncated")
+        (system_len,) = _SYSTEM_LEN.unpack_from(plain)
+        body_start = _SYSTEM_LEN.size + system_len
+        if body_start > len(plain):
+            raise CorruptEntryError("encrypted body truncated")
+        try:
+            system = plain[_SYSTEM_LEN.size : body_start].decode()
+        except UnicodeDecodeError:
+            raise CorruptEntryError("encrypted system prompt is not UTF-8") from None
+        body = memoryview(plain)[body_start:]
+        raw = _decompress(body, max_bytes) if flags & _FLAG_ZLIB else bytes(body)
+    else:
+        # No copy of an uncompressed response but the one slice that keeps it.
+        raw = _decompress(body, max_bytes) if flags & _FLAG_ZLIB else blob[header_end:]
     if len(raw) > max_bytes:
         raise CorruptEntryError(f"response larger than {max_bytes} bytes")
     response = None
@@ -305,10 +339,17 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int) -> Entry:
 class Header:
     """What an entry says about itself, read without its body (see :func:`read_header`)."""
 
-    __slots__ = ("created_at", "expires_at", "key", "model", "system", "tags")
+    __slots__ = ("created_at", "encrypted", "expires_at", "key", "model", "system", "tags")
 
     def __init__(
-        self, key: str, model: str, system: str, tags: tuple[str, ...], created_at: float, expires_at: float
+        self,
+        key: str,
+        model: str,
+        system: str,
+        tags: tuple[str, ...],
+        created_at: float,
+        expires_at: float,
+        encrypted: bool = False,
     ) -> None:
         self.key = key
         self.model = model
@@ -316,6 +357,8 @@ class Header:
         self.tags = tags
         self.created_at = created_at
         self.expires_at = expires_at
+        # An encrypted entry's system prompt is not in its header.
+        self.encrypted = encrypted
 
 
 HEADER_PREFIX_BYTES: Final = _HEADER_START
@@ -330,7 +373,7 @@ def read_header(prefix: bytes) -> Header | int:
     value): good enough to decide what to invalidate, not to serve.
     Raises :class:`CorruptEntryError` for anything that is not an entry.
     """
-    _, header_len, _ = _split(prefix)
+    flags, header_len, _ = _split(prefix)
     header_end = _HEADER_START + header_len
     if header_end > len(prefix):
         return header_end
@@ -346,4 +389,5 @@ def read_header(prefix: bytes) -> Header | int:
         tags=tuple(fields[9]),
         created_at=float(fields[2]),
         expires_at=float(fields[4]),
+        encrypted=bool(flags & _FLAG_SEALED),
     )

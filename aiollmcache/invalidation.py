@@ -105,6 +105,10 @@ class Pattern:
         if all(value is None for value in given.values()):
             raise InvalidRequestError("Pattern: give at least one of model, system, system_contains, key")
 
+    @property
+    def on_system(self) -> bool:
+        return self.system is not None or self.system_contains is not None
+
     def matches(self, key: str, model: str, system: str) -> bool:
         return (
             (self.key is None or fnmatchcase(key, self.key))
@@ -222,7 +226,10 @@ async def retire(tier: RedisTier, invalidation: Invalidation) -> int | None:
                 hashes = [
                     h
                     for h, header in zip(hashes, headers, strict=True)
-                    if header is not None and pattern.matches(h, header.model, header.system)
+                    if header is not None
+                    # an encrypted entry's system prompt is not in its header
+                    and not (header.encrypted and pattern.on_system)
+                    and pattern.matches(h, header.model, header.system)
                 ]
             removed += await tier.unlink(hashes)
         return removed

@@ -528,7 +528,10 @@ class RedisServer:
 
             drain = threading.Thread(target=read, name="redis-server-log", daemon=True)
             drain.start()
-            started = ready.wait(timeout)
+            deadline = time.monotonic() + timeout
+            while not (started := ready.wait(0.05)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    break  # exited (a bad option, a port clash) or too slow
             if started and proc.poll() is None:
                 self._proc, self.port, self._drain = proc, port, drain
                 return self

@@ -44,6 +44,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._log import RateLimitedLogger, logger
+from ..crypto import Sealer
 from ..entry import (
     HEADER_PREFIX_BYTES,
     MISSING,
@@ -501,6 +502,7 @@ class RedisTier:
         hot: HotKeys | None = None,
         breaker_failures: int = 0,
         breaker_probe_interval: float = 1.0,
+        sealer: Sealer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
@@ -511,6 +513,7 @@ class RedisTier:
         self._owns_client = owns_client
         self._timeout = timeout
         self._budget = _Budget(timeout)
+        self.sealer = sealer
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
         )
@@ -604,7 +607,9 @@ class RedisTier:
 
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
-            return decode_entry(blob, key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE)
+            return decode_entry(
+                blob, key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE, sealer=self.sealer
+            )
         except CorruptEntryError:
             await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
@@ -667,7 +672,9 @@ class RedisTier:
         if not message.startswith(b"done:"):
             return None
         try:
-            return decode_entry(message[5:], key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE)
+            return decode_entry(
+                message[5:], key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE, sealer=self.sealer
+            )
         except CorruptEntryError:
             return None
 
@@ -711,7 +718,7 @@ class RedisTier:
         return result
 
     def encode(self, entry: Entry) -> bytes:
-        return encode_entry(entry, compress_above=self._compress_above)
+        return encode_entry(entry, compress_above=self._compress_above, sealer=self.sealer)
 
     async def set(self, entry: Entry, blob: bytes) -> bool:
         """Store ``blob`` (the encoded ``entry``) until the entry's hard expiry.
