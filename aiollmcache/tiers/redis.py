@@ -371,7 +371,7 @@ class CircuitBreaker:
         if self._failures and self._consecutive >= self._failures and self._probe is None:
             self.opened += 1
             logger.warning(
-                "Redis failed %d times in a row: skipping it, probing every %.1fs",
+                "Redis failed %d times in a row: skipping it, probing every %.1f s",
                 self._consecutive,
                 self._interval,
             )
@@ -386,7 +386,7 @@ class CircuitBreaker:
                 async with asyncio.timeout(self._timeout):
                     await self._client.ping()
             except (TimeoutError, RedisError, OSError) as exc:
-                self._log.warning("probe", "Redis still unavailable: %s", exc)
+                self._log.warning("probe", "Redis still unavailable: %s", exc or type(exc).__name__)
                 continue
             logger.warning("Redis answers again: using it")
             self._consecutive = 0
