@@ -1017,7 +1017,13 @@ class LLMCache:
                 return found.created_at > current.created_at
 
             epoch = self._epoch
-            entry, _ = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
+            try:
+                entry, _ = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
+            except TierUnavailableError:
+                # Raised only before the model was asked: refresh without Redis.
+                self._stats.redis_errors += 1
+                await self._compute(request, control, upstream)
+                return
             self._remember(entry, time.time(), epoch)
         except Exception as exc:
             # The stale answer goes on being served until it expires.

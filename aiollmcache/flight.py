@@ -22,7 +22,7 @@ from typing import Any, Final, Generic, Literal, TypeVar
 import orjson
 from redis.exceptions import RedisError
 
-from ._log import logger
+from ._log import RateLimitedLogger, logger
 from .entry import Entry
 from .errors import CorruptEntryError, RemoteUpstreamError, TierError, WaitTimeoutError
 from .tiers.pubsub import RESYNC, Subscriber, Subscription
@@ -226,6 +226,7 @@ class Coordinator:
         self._lease_ms = max(1, round(settings.ttl * 1000))
         self._spawn = spawn
         self.stats = LeaseStats()
+        self._log = RateLimitedLogger()
 
     async def run(
         self,
@@ -256,7 +257,7 @@ class Coordinator:
                     state = await self._tier.acquire(key, token, self._lease_ms, skip_entry=skip_entry)
                 except CorruptEntryError as exc:
                     self.stats.corrupt += 1
-                    logger.warning("dropped a corrupt entry in Redis: %s", exc)
+                    self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
                     continue
                 if state is True:
                     if waited:
@@ -340,11 +341,11 @@ class Coordinator:
                 self.stats.committed += 1
             else:
                 self.stats.lost += 1
-                logger.warning("lost the lease for %s before writing: answer not stored", key)
+                self._log.warning("lost", "lost the lease for %s before writing: answer not stored", key)
         except TierError as exc:
             # The answer is good; only sharing it failed. Waiters re-check
             # when the lease expires and one of them takes over.
-            logger.warning("could not store an answer in Redis: %s", exc)
+            self._log.warning("store", "could not store an answer in Redis: %s", exc)
         return entry
 
     async def _release_quietly(self, release: Coroutine[Any, Any, bool]) -> None:
@@ -354,7 +355,7 @@ class Coordinator:
         except asyncio.CancelledError:
             raise
         except (TierError, RedisError, OSError) as exc:
-            logger.warning("could not release a lease: %s", exc)
+            self._log.warning("release", "could not release a lease: %s", exc)
 
     async def _renew(self, key: str, token: str) -> None:
         loop = asyncio.get_running_loop()
@@ -366,4 +367,4 @@ class Coordinator:
                 if not await self._tier.renew(key, token, self._lease_ms):
                     return  # lost: commit will find out and not write
             except TierError as exc:
-                logger.warning("could not renew a lease: %s", exc)
+                self._log.warning("renew", "could not renew a lease: %s", exc)

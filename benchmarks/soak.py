@@ -1,7 +1,7 @@
 """Soak: a mixed workload for a set time, with faults injected on a schedule.
 
 C concurrent callers ask over a Zipf-popular set of prompts (some tagged, a
-tag invalidated every phase) through one LLMCache on a private redis-server,
+tag invalidated every cycle; 1% of requests new prompts) through one LLMCache on a private redis-server,
 against a FakeOpenAI model with latency. Phases of equal length cycle through:
 
     steady, redis killed (restarted empty on the same port at the phase's
@@ -29,7 +29,7 @@ import time
 import redis.asyncio as aioredis
 from _common import print_table, write_json
 
-from aiollmcache import CacheControl, LLMCache
+from aiollmcache import CacheControl, LLMCache, TierError
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
 MODEL = "gpt-4o-mini"
@@ -113,9 +113,12 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
 
             async def caller(seed: int) -> None:
                 local = random.Random(seed)
+                asked = 0
                 while not stop.is_set():
+                    asked += 1
                     n = local.choices(range(args.prompts), weights=weights)[0]
-                    prompt = prompts[n]
+                    # 1% never asked before: misses in every phase, as real traffic has.
+                    prompt = prompts[n] if local.random() >= 0.01 else f"one-off {seed} {asked}"
                     tags = [f"group-{n % 5}"] if n % 10 == 0 else []
                     phase = current
                     started = time.perf_counter()
@@ -130,6 +133,7 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
                     phase.sources[str(result.source)] += 1
                     if result.text != f"Answer to: {prompt}":
                         phase.wrong += 1
+                    await asyncio.sleep(args.think)
 
             callers = [asyncio.create_task(caller(rng.randrange(2**32))) for _ in range(args.concurrency)]
             deadline = time.monotonic() + args.seconds
@@ -156,7 +160,10 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
                     elif name == "upstream 500s":
                         fake.fail(500, times=10**9)
                     if index % len(PHASES) == 1:
-                        await cache.invalidate(tag=f"group-{index % 5}")
+                        try:
+                            await cache.invalidate(tag=f"group-{index % 5}")
+                        except TierError as exc:  # a clear error to retry, not a crash
+                            current.errors[f"invalidate: {type(exc).__name__}"] += 1
                     await asyncio.sleep(args.phase)
                     if name == "redis killed":
                         await asyncio.to_thread(server.restart)
@@ -189,6 +196,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.05, help="model latency (s)")
+    parser.add_argument("--think", type=float, default=0.002, help="pause between a caller's requests (s)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with RedisServer() as server:
@@ -257,7 +265,9 @@ def main() -> None:
         f"cycle, {rss[-1]:.1f} MB at the end ({rss[-1] - after_warmup:+.1f} MB since the first cycle)"
     )
     payload = {
-        "settings": {k: getattr(args, k) for k in ("seconds", "phase", "concurrency", "prompts", "latency")},
+        "settings": {
+            k: getattr(args, k) for k in ("seconds", "phase", "concurrency", "prompts", "latency", "think")
+        },
         "results": results,
         "rss_mb": rss,
     }

@@ -185,3 +185,29 @@ async def test_redis_errors_replies_do_not_open_the_breaker(
         assert result.source == "upstream" and result.text == expected("wrong type")
         stats: dict[str, Any] = cache.stats()
         assert stats["corrupt_entries"] == 1 and stats["redis_breaker_opened"] == 0
+
+
+async def test_stale_answers_are_refreshed_without_redis(
+    own_redis: RedisServer, openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    from aiollmcache import CacheControl
+
+    async with LLMCache(
+        redis_url=own_redis.url, openai=openai_client, model=MODEL, breaker_failures=1
+    ) as cache:
+        short = CacheControl(ttl=0.05, stale_ttl=60)
+        await cache.complete(user("refresh me"), cache=short)
+        own_redis.kill()
+
+        async def served_stale() -> bool:
+            return (await cache.complete(user("refresh me"), cache=short)).stale
+
+        await until(served_stale)  # past its 50 ms: served stale, a refresh started
+
+        async def refreshed() -> bool:
+            return fake.calls("refresh me") == 2
+
+        await until(refreshed)
+        assert not (await cache.complete(user("refresh me"))).stale
+        stats = cache.stats()
+        assert stats["refresh_errors"] == 0 and stats["redis_breaker_open"] == 1
