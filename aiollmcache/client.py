@@ -596,7 +596,8 @@ class LLMCache:
         await bus.publish(invalidation)
         return count
 
-    def _invalidation(self, key: object, tag: object, pattern: object, everything: object) -> Invalidation:
+    @staticmethod
+    def _invalidation(key: object, tag: object, pattern: object, everything: object) -> Invalidation:
         if not isinstance(everything, bool):
             raise InvalidRequestError(f"everything: expected True or False, got {everything!r}")
         named = (("key", key), ("tag", tag), ("pattern", pattern))
@@ -616,11 +617,6 @@ class LLMCache:
             if not isinstance(pattern, Pattern):
                 raise InvalidRequestError(
                     f"pattern: expected a Pattern(model=..., system=..., key=...), got {pattern!r}"
-                )
-            if pattern.on_system and self._redis is not None and self._redis.sealer is not None:
-                raise InvalidRequestError(
-                    "pattern: the system prompt is encrypted in Redis (encryption_key), so it cannot be "
-                    "matched there; use tags, the model or the key"
                 )
             return Invalidation(InvalidationKind.PATTERN, pattern=pattern)
         return Invalidation(InvalidationKind.EVERYTHING)

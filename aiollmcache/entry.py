@@ -45,6 +45,7 @@ __all__ = [
     "MISSING",
     "Entry",
     "Header",
+    "NotForThisCache",
     "decode_entry",
     "encode_entry",
     "read_header",
@@ -190,10 +191,19 @@ def _first_content(body: dict[str, Any]) -> str:
     return content if isinstance(content, str) else ""
 
 
-def encode_entry(entry: Entry, *, compress_above: int, sealer: Sealer | None = None) -> bytes:
+class NotForThisCache(CorruptEntryError):
+    """A valid entry this cache must not read (sealed with another key, sealed
+    without this cache having one, or not sealed when this cache requires
+    it): a miss, but not to be deleted, as its writer can read it."""
+
+
+def encode_entry(
+    entry: Entry, *, compress_above: int, sealer: Sealer | None = None, context: bytes = b""
+) -> bytes:
     """Encode ``entry``; the body is compressed when the entry is larger than
     ``compress_above`` bytes. With a ``sealer`` the body and the system prompt
-    are encrypted (see :mod:`aiollmcache.crypto`)."""
+    are encrypted (see :mod:`aiollmcache.crypto`), bound to the format, the
+    flags, the header and ``context`` (where the entry is stored)."""
     header = orjson.dumps(
         [
             _ENVIRONMENT,
@@ -214,8 +224,9 @@ def encode_entry(entry: Entry, *, compress_above: int, sealer: Sealer | None = N
         body, flags = zlib.compress(body, _ZLIB_LEVEL), _FLAG_ZLIB
     if sealer is not None:
         system = entry.system.encode()
-        body = sealer.seal(_SYSTEM_LEN.pack(len(system)) + system + body, header)
         flags |= _FLAG_SEALED
+        associated = b"".join((_PREFIX, bytes([flags]), header, context))
+        body = sealer.seal(_SYSTEM_LEN.pack(len(system)) + system + body, associated)
     checksum = zlib.crc32(body, zlib.crc32(header))
     return b"".join((_PREFIX, bytes([flags]), _HEADER_LEN.pack(len(header), checksum), header, body))
 
@@ -270,7 +281,9 @@ def _fields(header: object, key: str | None) -> tuple[Any, ...]:
     return tuple(header)
 
 
-def decode_entry(blob: bytes, key: str, *, max_bytes: int, sealer: Sealer | None = None) -> Entry:
+def decode_entry(
+    blob: bytes, key: str, *, max_bytes: int, sealer: Sealer | None = None, context: bytes = b""
+) -> Entry:
     """Decode bytes read at ``key``; raise :class:`CorruptEntryError` if invalid
     (and, with a ``sealer``, if not encrypted with its key; without one, if
     encrypted)."""
@@ -288,13 +301,14 @@ def decode_entry(blob: bytes, key: str, *, max_bytes: int, sealer: Sealer | None
     (env, _, created, fresh_until, expires_at, compute_ms, model, pt, ct, tags, system) = _fields(header, key)
     body: bytes | memoryview = view[header_end:]
     if (sealer is not None) != bool(flags & _FLAG_SEALED):
-        raise CorruptEntryError(
+        raise NotForThisCache(
             "entry is not encrypted, and this cache requires it"
             if sealer is not None
             else "entry is encrypted, and this cache has no encryption key"
         )
     if sealer is not None:
-        plain = sealer.open(bytes(body), bytes(view[_HEADER_START:header_end]))
+        associated = b"".join((blob[: len(_PREFIX) + 1], view[_HEADER_START:header_end], context))
+        plain = sealer.open(bytes(body), associated)
         if len(plain) < _SYSTEM_LEN.size:
             raise CorruptEntryError("encrypted body truncated")
         (system_len,) = _SYSTEM_LEN.unpack_from(plain)

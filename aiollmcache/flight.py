@@ -256,6 +256,9 @@ class Coordinator:
                 try:
                     state = await self._tier.acquire(key, token, self._lease_ms, skip_entry=skip_entry)
                 except CorruptEntryError as exc:
+                    # Deleted, or (not for this cache) left in place: either
+                    # way, not an answer; take the lease past it.
+                    skip_entry = True
                     self.stats.corrupt += 1
                     self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
                     continue

@@ -109,6 +109,11 @@ class Pattern:
     def on_system(self) -> bool:
         return self.system is not None or self.system_contains is not None
 
+    def matches_except_system(self, key: str, model: str) -> bool:
+        return (self.key is None or fnmatchcase(key, self.key)) and (
+            self.model is None or fnmatchcase(model, self.model)
+        )
+
     def matches(self, key: str, model: str, system: str) -> bool:
         return (
             (self.key is None or fnmatchcase(key, self.key))
@@ -227,9 +232,16 @@ async def retire(tier: RedisTier, invalidation: Invalidation) -> int | None:
                     h
                     for h, header in zip(hashes, headers, strict=True)
                     if header is not None
-                    # an encrypted entry's system prompt is not in its header
-                    and not (header.encrypted and pattern.on_system)
-                    and pattern.matches(h, header.model, header.system)
+                    # An encrypted entry's system prompt is not in its header:
+                    # retired when the rest matches (too many rather than too few).
+                    and (
+                        pattern.matches(h, header.model, header.system)
+                        or (
+                            header.encrypted
+                            and pattern.on_system
+                            and pattern.matches_except_system(h, header.model)
+                        )
+                    )
                 ]
             removed += await tier.unlink(hashes)
         return removed

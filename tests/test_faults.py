@@ -125,7 +125,12 @@ async def test_a_frozen_redis_costs_one_budget_then_none(
         try:
             assert (await cache.complete(user("warm"))).source == "memory"
             async with asyncio.timeout(5):
-                first = await cache.complete(user("cold 1"))  # waits out the budget: the breaker opens
+                first = await cache.complete(user("cold 1"))  # waits out the budget
+
+            async def opened() -> bool:  # once a PING of its own went unanswered too
+                return cache.stats()["redis_breaker_open"] == 1
+
+            await until(opened)
             loop = asyncio.get_running_loop()
             started = loop.time()
             second = await cache.complete(user("cold 2"))
@@ -155,16 +160,45 @@ async def test_an_exhausted_pool_is_not_taken_for_redis_being_down(
         model=MODEL,
         memory_max_entries=0,
         redis_max_connections=2,
+        redis_timeout=0.05,
         breaker_failures=1,
     ) as cache:
-        await cache.complete(user("shared"))
-        prompts = [f"busy {n}" for n in range(50)]
-        for prompt in prompts:
-            await cache.complete(user(prompt))
-        # 1000 concurrent Redis hits through 2 connections: callers wait for one.
-        results = await asyncio.gather(*(cache.complete(user(prompts[n % 50])) for n in range(1000)))
-        assert {r.source for r in results} == {"redis"}
+        prompts = [f"busy {n}" for n in range(1000)]
+        for start in range(0, 1000, 50):
+            await asyncio.gather(*(cache.complete(user(p)) for p in prompts[start : start + 50]))
+        fake.reset()
+        # 1000 concurrent reads of distinct keys through 2 connections (one of
+        # them the subscriber's), each allowed 50 ms: many run out of time
+        # waiting for a connection, while the others complete.
+        results = await asyncio.gather(*(cache.complete(user(p)) for p in prompts))
+        assert all(r.text == expected(p) for p, r in zip(prompts, results, strict=True))
+        stats = cache.stats()
+        assert stats["redis_errors"] > 0  # the pool did run dry
+        assert stats["redis_breaker_opened"] == 0
+        assert sum(r.source == "redis" for r in results) > 0
+
+
+async def test_a_stalled_event_loop_is_not_taken_for_redis_being_down(
+    own_redis: RedisServer, openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    import time
+
+    async with LLMCache(
+        redis_url=own_redis.url,
+        openai=openai_client,
+        model=MODEL,
+        memory_max_entries=0,
+        redis_timeout=0.2,
+        breaker_failures=1,
+    ) as cache:
+        await cache.complete(user("stall"))
+        reads = [asyncio.create_task(cache.complete(user("stall"))) for _ in range(20)]
+        await asyncio.sleep(0)  # the reads are sent
+        time.sleep(0.4)  # noqa: ASYNC251  # the loop stalls past their budget, as a blocking call would
+        results = await asyncio.gather(*reads)
+        assert all(r.text == expected("stall") for r in results)
         assert cache.stats()["redis_breaker_opened"] == 0
+        assert (await cache.complete(user("stall"))).source == "redis"
 
 
 async def test_redis_errors_replies_do_not_open_the_breaker(
@@ -211,3 +245,16 @@ async def test_stale_answers_are_refreshed_without_redis(
         assert not (await cache.complete(user("refresh me"))).stale
         stats = cache.stats()
         assert stats["refresh_errors"] == 0 and stats["redis_breaker_open"] == 1
+
+
+async def test_the_breaker_is_gone_with_the_cache(
+    own_redis: RedisServer, openai_client: openai.AsyncOpenAI, fake: FakeOpenAI
+) -> None:
+    cache = LLMCache(redis_url=own_redis.url, openai=openai_client, model=MODEL, breaker_failures=1)
+    await cache.complete(user("x"))
+    own_redis.kill()
+    await cache.complete(user("y"))
+    assert cache.stats()["redis_breaker_open"] == 1
+    await cache.aclose()
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert not names & {"aiollmcache-probe", "aiollmcache-verify"}

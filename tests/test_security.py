@@ -13,7 +13,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from aiollmcache import ConfigurationError, CorruptEntryError, InvalidRequestError, LLMCache, Pattern
+from aiollmcache import ConfigurationError, CorruptEntryError, LLMCache, Pattern
 from aiollmcache.crypto import AESGCMSealer
 from aiollmcache.entry import decode_entry, encode_entry
 from aiollmcache.testing import FakeOpenAI, RedisServer
@@ -91,7 +91,7 @@ async def test_entries_under_another_key_or_none_are_misses(
     assert other_key.stats()["corrupt_entries"] == 1
     await plain.complete(user("open"))
     assert (await encrypted.complete(user("open"))).source == "upstream"  # plaintext: refused
-    assert encrypted.stats()["corrupt_entries"] == 1
+    assert encrypted.stats()["corrupt_entries"] + encrypted.stats()["lease_corrupt"] >= 1
     assert fake.calls() == 4
 
 
@@ -116,13 +116,24 @@ def test_a_header_moved_onto_another_body_does_not_decrypt() -> None:
 
 
 @pytest.mark.asyncio
-async def test_encryption_settings_are_checked(make_cache: Callable[..., LLMCache]) -> None:
+async def test_encryption_settings_are_checked() -> None:
     with pytest.raises(ConfigurationError, match="16, 24 or 32 bytes"):
         LLMCache(encryption_key=b"short")
-    cache = make_cache(encryption_key=b"k" * 32)
-    with pytest.raises(InvalidRequestError, match="encrypted"):
-        await cache.invalidate(pattern=Pattern(system_contains="patient"))
-    assert await cache.invalidate(pattern=Pattern(model="nothing-*")) == 0
+
+
+@pytest.mark.asyncio
+async def test_a_system_pattern_retires_encrypted_entries_it_cannot_read(
+    make_cache: Callable[..., LLMCache], redis_server: RedisServer
+) -> None:
+    sealed = make_cache(encryption_key=b"k" * 32, memory_max_entries=0)
+    keyless = make_cache(memory_max_entries=0)  # e.g. the CLI, which has no key
+    await sealed.complete([{"role": "system", "content": SYSTEM}, *user("q")])
+    await sealed.complete([{"role": "system", "content": "other"}, *user("q")], model="other-model")
+    # The system prompt is sealed: every sealed entry whose other fields match
+    # goes (too many rather than a stale one kept).
+    assert await keyless.invalidate(pattern=Pattern(system_contains="patient", model=MODEL)) == 1
+    assert await sealed.invalidate(pattern=Pattern(system_contains="nothing like it")) == 1
+    assert (await sealed.complete([{"role": "system", "content": SYSTEM}, *user("q")])).source == "upstream"
 
 
 # -- Redis ACL users and TLS -----------------------------------------------------------
@@ -196,3 +207,31 @@ async def test_rediss_with_a_verified_certificate(
         async with LLMCache(redis_url=url, openai=openai_client, model=MODEL) as reader:
             assert (await reader.complete(user("tls"))).source == "redis"
             assert reader.stats()["redis_errors"] == 0
+
+
+def test_flags_header_and_place_are_all_bound_to_the_sealed_body() -> None:
+    import struct
+    import zlib
+
+    from aiollmcache.entry import NotForThisCache
+
+    from .test_entry import entry
+
+    sealer = AESGCMSealer(b"k" * 16)
+    big = entry("x" * 20_000)  # compressed, then sealed
+    blob = encode_entry(big, compress_above=8192, sealer=sealer, context=b"alc:n:0:e:{k}")
+    assert decode_entry(blob, big.key, max_bytes=1 << 20, sealer=sealer, context=b"alc:n:0:e:{k}").text
+    # The compression flag cleared, with a CRC to match: refused, not served raw.
+    flipped = blob[:4] + bytes([blob[4] & ~0x01]) + blob[5:]
+    rest = flipped[13:]
+    flipped = flipped[:9] + struct.pack(">I", zlib.crc32(rest)) + rest
+    with pytest.raises(CorruptEntryError):
+        decode_entry(flipped, big.key, max_bytes=1 << 20, sealer=sealer, context=b"alc:n:0:e:{k}")
+    # Copied to another place (another namespace version): refused.
+    with pytest.raises(CorruptEntryError, match="cannot decrypt"):
+        decode_entry(blob, big.key, max_bytes=1 << 20, sealer=sealer, context=b"alc:n:1:e:{k}")
+    # Another key: not this cache's entry, told apart from a damaged one.
+    with pytest.raises(NotForThisCache, match="another key"):
+        decode_entry(
+            blob, big.key, max_bytes=1 << 20, sealer=AESGCMSealer(b"o" * 16), context=b"alc:n:0:e:{k}"
+        )

@@ -50,6 +50,7 @@ from ..entry import (
     MISSING,
     Entry,
     Header,
+    NotForThisCache,
     _Missing,
     decode_entry,
     encode_entry,
@@ -315,24 +316,29 @@ def _pool_exhausted(exc: BaseException) -> bool:
 class CircuitBreaker:
     """Stops calls from waiting on a Redis that is down.
 
-    After ``failures`` operations in a row failed for want of Redis (refused,
-    reset, or timed out while Redis answered nothing else for as long; not a
-    Redis error reply, nor a wait for a free pooled connection while other
-    commands complete), the breaker opens: operations fail at once with
-    :class:`TierUnavailableError`, without I/O. While open, a task probes
-    Redis (PING) every ``probe_interval`` seconds and closes the breaker when
-    Redis answers. Any success resets the count. ``failures == 0`` disables it.
+    Operations report how they ended. A refused or reset connection is a
+    failure. A timeout may only mean this process is busy (its operations
+    queue for a pooled connection, or for an event loop that stalled), so it
+    is a failure only once Redis has answered nothing for a whole budget and a
+    PING on a connection of the breaker's own, outside the pool, does not
+    answer either within ``max(1 s, 4 * timeout)``. After ``failures`` failures in a row (an answer, even an
+    error reply, resets the count) the breaker opens: operations fail at once
+    with :class:`TierUnavailableError`, without I/O, while a task PINGs Redis
+    every ``probe_interval`` seconds on that connection and closes the breaker
+    at the first answer. ``failures == 0`` disables it.
     """
 
     __slots__ = (
         "_answered_at",
-        "_client",
+        "_closed",
         "_consecutive",
         "_failures",
         "_interval",
         "_log",
+        "_pinger",
         "_probe",
         "_timeout",
+        "_verifying",
         "opened",
         "skipped",
     )
@@ -340,13 +346,21 @@ class CircuitBreaker:
     def __init__(
         self, client: aioredis.Redis, *, failures: int, probe_interval: float, timeout: float
     ) -> None:
-        self._client = client
+        pool = client.connection_pool
+        # One connection of its own: what it measures is Redis, not the pool.
+        self._pinger = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool(
+                connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
+            )
+        )
         self._failures = failures
         self._interval = probe_interval
         self._timeout = timeout
         self._consecutive = 0
         self._answered_at = 0.0  # time.monotonic() of the last answer from Redis
         self._probe: asyncio.Task[None] | None = None
+        self._verifying: asyncio.Task[None] | None = None
+        self._closed = False
         self._log = RateLimitedLogger()
         self.opened = 0  # times it opened
         self.skipped = 0  # operations refused while open
@@ -360,45 +374,74 @@ class CircuitBreaker:
         self._answered_at = time.monotonic()
 
     def timeout(self) -> None:
-        """An operation ran out of time: a failure only if Redis answered
-        nothing else meanwhile (else this process is merely busy: its
-        operations queue for connections or for the event loop)."""
-        if time.monotonic() - self._answered_at >= self._timeout:
-            self.failure()
+        """An operation ran out of time: find out whether Redis answers."""
+        if not self._failures or self._closed or self._probe is not None or self._verifying is not None:
+            return
+        if time.monotonic() - self._answered_at < self._timeout:
+            return  # Redis answered meanwhile: this process is busy
+        self._verifying = asyncio.get_running_loop().create_task(self._verify(), name="aiollmcache-verify")
+
+    async def _verify(self) -> None:
+        try:
+            if await self._answers():
+                self.success()
+            else:
+                self._open("does not answer a PING")
+        finally:
+            self._verifying = None
 
     def failure(self) -> None:
         self._consecutive += 1
-        if self._failures and self._consecutive >= self._failures and self._probe is None:
-            self.opened += 1
-            logger.warning(
-                "Redis failed %d times in a row: skipping it, probing every %.1f s",
-                self._consecutive,
-                self._interval,
-            )
-            self._probe = asyncio.get_running_loop().create_task(
-                self._probe_until_back(), name="aiollmcache-probe"
-            )
+        if self._failures and self._consecutive >= self._failures:
+            self._open(f"failed {self._consecutive} times in a row")
+
+    def _open(self, why: str) -> None:
+        if self._closed or self._probe is not None:
+            return
+        self.opened += 1
+        logger.warning("Redis %s: skipping it, probing every %.1f s", why, self._interval)
+        self._probe = asyncio.get_running_loop().create_task(
+            self._probe_until_back(), name="aiollmcache-probe"
+        )
+
+    async def _answers(self) -> bool:
+        try:
+            # A roomier budget than operations get: a busy event loop delays
+            # reading the reply, and that must not pass for Redis being down.
+            async with asyncio.timeout(max(1.0, 4 * self._timeout)):
+                await self._pinger.ping()
+        except ResponseError:
+            return True  # an error reply (e.g. no permission for PING) is an answer
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._log.warning("probe", "Redis does not answer: %s", exc or type(exc).__name__)
+            return False
+        return True
 
     async def _probe_until_back(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await self._client.ping()
-            except (TimeoutError, RedisError, OSError) as exc:
-                self._log.warning("probe", "Redis still unavailable: %s", exc or type(exc).__name__)
-                continue
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                try:
+                    if await self._answers():
+                        break
+                except Exception:  # a bug here must not keep Redis skipped for good
+                    logger.exception("Redis probe failed")
+                    break
             logger.warning("Redis answers again: using it")
-            self._consecutive = 0
+            self.success()
+        finally:
             self._probe = None
-            return
 
     async def aclose(self) -> None:
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await probe
+        self._closed = True
+        for task in (self._probe, self._verifying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._probe = self._verifying = None
+        with contextlib.suppress(RedisError, OSError):
+            await self._pinger.aclose(close_connection_pool=True)
 
 
 # Entries up to this size travel inside the "done" notification.
@@ -608,8 +651,14 @@ class RedisTier:
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
             return decode_entry(
-                blob, key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE, sealer=self.sealer
+                blob,
+                key,
+                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
+                sealer=self.sealer,
+                context=rkey.encode(),
             )
+        except NotForThisCache:
+            raise  # its writer can read it: a miss here, left in place
         except CorruptEntryError:
             await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
@@ -673,7 +722,11 @@ class RedisTier:
             return None
         try:
             return decode_entry(
-                message[5:], key, max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE, sealer=self.sealer
+                message[5:],
+                key,
+                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
+                sealer=self.sealer,
+                context=self.entry_key(key).encode(),
             )
         except CorruptEntryError:
             return None
@@ -718,7 +771,8 @@ class RedisTier:
         return result
 
     def encode(self, entry: Entry) -> bytes:
-        return encode_entry(entry, compress_above=self._compress_above, sealer=self.sealer)
+        context = self.entry_key(entry.key).encode() if self.sealer is not None else b""
+        return encode_entry(entry, compress_above=self._compress_above, sealer=self.sealer, context=context)
 
     async def set(self, entry: Entry, blob: bytes) -> bool:
         """Store ``blob`` (the encoded ``entry``) until the entry's hard expiry.
