@@ -25,6 +25,7 @@ import collections
 import math
 import random
 import time
+import tracemalloc
 
 import redis.asyncio as aioredis
 from _common import print_table, write_json
@@ -96,6 +97,7 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
     weights = [1 / (rank + 1) for rank in range(args.prompts)]
     phases: list[Phase] = []
     current = Phase("warm-up")
+    baseline: tracemalloc.Snapshot | None = None
     stop = asyncio.Event()
     async with FakeOpenAI(latency=args.latency) as fake:
         client = fake.client()  # the SDK's default retries (2), as in production
@@ -176,6 +178,9 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
                     current.upstream_calls = fake.calls() - calls_before
                     current.rss_mb = rss_mb()
                     phases.append(current)
+                    if args.tracemalloc and index == len(PHASES):
+                        tracemalloc.start()
+                        baseline = tracemalloc.take_snapshot()
                     print(
                         f"{current.name:<17} requests {current.latencies.count:>6}  "
                         f"errors {dict(current.errors)}  wrong {current.wrong}  rss {current.rss_mb:.1f} MB",
@@ -184,6 +189,11 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
             finally:
                 stop.set()
                 await asyncio.gather(*callers)
+                if args.tracemalloc and tracemalloc.is_tracing():
+                    growth = tracemalloc.take_snapshot().compare_to(baseline, "lineno")
+                    print("\nlargest allocation growth since the first cycle:")
+                    for stat in growth[:12]:
+                        print(f"  {stat}")
                 await admin.aclose()
                 await client.close()
     return phases
@@ -197,6 +207,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--latency", type=float, default=0.05, help="model latency (s)")
     parser.add_argument("--think", type=float, default=0.002, help="pause between a caller's requests (s)")
+    parser.add_argument("--tracemalloc", action="store_true", help="report allocation growth after a cycle")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     with RedisServer() as server:
