@@ -240,7 +240,9 @@ class LLMCache:
     (0: off), ``hot_window``, ``hot_max_age``; invalidation: ``sync_interval``
     (how often each process checks for invalidations it missed); Redis
     outages: ``breaker_failures`` (failures in a row that make the cache skip
-    Redis, 0: never), ``breaker_probe_interval``. See the README and ``docs/``.
+    Redis, 0: never), ``breaker_probe_interval``; ``encryption_key`` (16, 24
+    or 32 bytes: answers sealed with AES-GCM in Redis). See the README and
+    ``docs/``.
     """
 
     def __init__(

@@ -129,7 +129,9 @@ async def soak(args: argparse.Namespace, server: RedisServer) -> list[Phase]:
                             [{"role": "user", "content": prompt}], cache=CacheControl(tags=tags)
                         )
                     except Exception as exc:
-                        phase.errors[type(exc).__name__] += 1
+                        # Where it ended: a call retried by the SDK meets the
+                        # fault of the phase its retries fell in.
+                        current.errors[type(exc).__name__] += 1
                         continue
                     phase.latencies.add(time.perf_counter() - started)
                     phase.sources[str(result.source)] += 1
