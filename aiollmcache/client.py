@@ -276,6 +276,7 @@ class LLMCache:
         breaker_failures: int = 5,
         breaker_probe_interval: Seconds = 1.0,
         encryption_key: bytes | None = None,
+        redis_batching: bool = True,
         semantic: object | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
@@ -332,6 +333,7 @@ class LLMCache:
                 )
                 or 1.0,
                 sealer=sealer,
+                batching=bool(redis_batching),
             )
         if on_wait_timeout not in ("raise", "upstream"):
             raise ConfigurationError(

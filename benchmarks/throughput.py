@@ -7,7 +7,7 @@ process-local copy), C coroutines each reading in a loop for ``--seconds``:
 - ``raw GET + orjson.loads``: redis-py GET through a BlockingConnectionPool of
   64 connections: the floor for any Redis-backed cache.
 - ``aiollmcache complete()``: Redis-tier hits (memory tier off), reading
-  ``result.text``.
+  ``result.text``; with concurrent reads batched (the default) and without.
 - ``aiocache RedisCache`` and ``cashews redis``, when installed (the ``bench``
   extra): their ``get`` of the same answer, with their default serializers
   (aiocache: JSON here; cashews: its own), pools of 64.
@@ -120,6 +120,18 @@ async def contenders(url: str, stack: contextlib.AsyncExitStack) -> dict[str, Re
         return result.text
 
     readers["aiollmcache complete()"] = cached
+
+    unbatched = LLMCache(
+        redis_url=url, upstream=model, model=MODEL, namespace="tp", memory_max_entries=0, redis_batching=False
+    )
+    stack.push_async_callback(unbatched.aclose)
+
+    async def cached_unbatched(n: int) -> object:
+        result = await unbatched.complete(user(n))
+        assert result.source == "redis"
+        return result.text
+
+    readers["aiollmcache complete(), no batching"] = cached_unbatched
 
     try:
         from aiocache import RedisCache

@@ -34,7 +34,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -444,6 +444,8 @@ class CircuitBreaker:
             await self._pinger.aclose(close_connection_pool=True)
 
 
+_SEND_YOUR_OWN: Final = object()  # a batch's leader gave up: GET on your own
+
 # Entries up to this size travel inside the "done" notification.
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
@@ -546,6 +548,7 @@ class RedisTier:
         breaker_failures: int = 0,
         breaker_probe_interval: float = 1.0,
         sealer: Sealer | None = None,
+        batching: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
@@ -557,6 +560,8 @@ class RedisTier:
         self._timeout = timeout
         self._budget = _Budget(timeout)
         self.sealer = sealer
+        self._batching = batching
+        self._batch: list[tuple[str, asyncio.Future[Any]]] | None = None
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
         )
@@ -613,12 +618,60 @@ class RedisTier:
         if self._hot is not None:
             return await self._get_counting(key)
         rkey = self.entry_key(key)
-        blob = await self._read(rkey, self._client.get(rkey))
+        command = self._batched_get(rkey) if self._batching else self._client.get(rkey)
+        blob = await self._read(rkey, command)
         if blob is None:
             return MISSING
         if not isinstance(blob, bytes):  # only a client that decodes responses returns str
             raise CorruptEntryError("redis returned text, not bytes")
         return await self._decode(key, rkey, blob)
+
+    async def _batched_get(self, rkey: str) -> Any:
+        """GET ``rkey``, sharing one round trip with every GET issued in the
+        same event-loop tick.
+
+        The first caller of a tick leads: it yields once to the loop, so that
+        callers ready in the same tick can join, then sends their GETs as one
+        pipeline and hands each its own reply (or error). A lone call costs
+        that one yield. A leader cancelled before the replies came tells the
+        others to send their own GET; a follower cancelled (its budget ran
+        out) just stops waiting.
+        """
+        batch = self._batch
+        if batch is not None:
+            joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            batch.append((rkey, joined))
+            reply = await joined
+            if reply is _SEND_YOUR_OWN:
+                return await self._client.get(rkey)
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        batch = self._batch = []
+        try:
+            try:
+                await asyncio.sleep(0)
+            finally:
+                self._batch = None
+            if not batch:
+                return await self._client.get(rkey)
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(rkey)
+                for other, _ in batch:
+                    pipe.get(other)
+                replies = await pipe.execute(raise_on_error=False)
+        except BaseException as exc:
+            handed: object = _SEND_YOUR_OWN if not isinstance(exc, Exception) else exc
+            for _, waiter in batch:
+                if not waiter.done():
+                    waiter.set_result(handed)
+            raise
+        for (_, waiter), reply in zip(batch, replies[1:], strict=True):
+            if not waiter.done():
+                waiter.set_result(reply)
+        if isinstance(replies[0], Exception):
+            raise replies[0]
+        return replies[0]
 
     async def _read(self, rkey: str, command: Awaitable[T]) -> T:
         """Read an entry key; a value of another type there is foreign data."""
