@@ -241,8 +241,8 @@ class LLMCache:
     (how often each process checks for invalidations it missed); Redis
     outages: ``breaker_failures`` (failures in a row that make the cache skip
     Redis, 0: never), ``breaker_probe_interval``; ``encryption_key`` (16, 24
-    or 32 bytes: answers sealed with AES-GCM in Redis). See the README and
-    ``docs/``.
+    or 32 bytes: answers sealed with AES-GCM in Redis); ``redis_batching``
+    (concurrent Redis reads share a round trip). See the README and ``docs/``.
     """
 
     def __init__(
