@@ -56,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
-__all__ = ["FakeOpenAI", "RedisServer", "last_user_text"]
+__all__ = ["FakeOpenAI", "RedisServer", "chat_completion", "last_user_text"]
 
 Reply = Callable[[Mapping[str, Any]], str]
 
@@ -79,6 +79,41 @@ def last_user_text(request: Mapping[str, Any]) -> str:
 
 def _default_reply(request: Mapping[str, Any]) -> str:
     return f"Answer to: {last_user_text(request)}"
+
+
+def chat_completion(
+    content: str,
+    *,
+    model: str,
+    n: int = 1,
+    completion_id: str = "chatcmpl-local",
+    created: int = 0,
+    usage: Mapping[str, int] | None = None,
+    system_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """A chat completion as the API returns it (``n`` identical choices of
+    ``content``): what :class:`FakeOpenAI` answers, and what an ``upstream=``
+    callable in a test can return."""
+    completion: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+            for i in range(n)
+        ],
+    }
+    if usage is not None:
+        completion["usage"] = dict(usage)
+    if system_fingerprint is not None:
+        completion["system_fingerprint"] = system_fingerprint
+    return completion
 
 
 def _tokens(text: str) -> int:
@@ -364,23 +399,15 @@ class FakeOpenAI:
                 ),
                 media_type="text/event-stream",
             )
-        completion = {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": content, "refusal": None},
-                    "finish_reason": "stop",
-                    "logprobs": None,
-                }
-                for i in range(n)
-            ],
-            "usage": usage,
-            "system_fingerprint": "fp_fake",
-        }
+        completion = chat_completion(
+            content,
+            model=body["model"],
+            n=n,
+            completion_id=completion_id,
+            created=created,
+            usage=usage,
+            system_fingerprint="fp_fake",
+        )
         return Response(orjson.dumps(completion), media_type="application/json")
 
     async def _sse(

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from _common import print_table, summarize, write_json
 
 from aiollmcache import LLMCache
-from aiollmcache.testing import RedisServer
+from aiollmcache.testing import RedisServer, chat_completion
 from aiollmcache.tiers.redis import connect
 
 MESSAGES = [
@@ -44,22 +44,14 @@ MESSAGES = [
 
 
 def completion(chars: int) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": "gpt-4o-mini",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "x" * chars, "refusal": None},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
-        ],
-        "usage": {"prompt_tokens": 25, "completion_tokens": 400, "total_tokens": 425},
-        "system_fingerprint": "fp_bench",
-    }
+    return chat_completion(
+        "x" * chars,
+        model="gpt-4o-mini",
+        completion_id="chatcmpl-bench",
+        created=1_700_000_000,
+        usage={"prompt_tokens": 25, "completion_tokens": 400, "total_tokens": 425},
+        system_fingerprint="fp_bench",
+    )
 
 
 async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:

@@ -35,22 +35,16 @@ from _common import percentile, print_table, write_json
 
 from aiollmcache import CacheControl, Invalidation, LLMCache, Pattern
 from aiollmcache.entry import Entry, encode_entry
-from aiollmcache.testing import RedisServer
+from aiollmcache.testing import RedisServer, chat_completion
 
 MODEL = "gpt-4o-mini"
 RAW_CHANNEL = "bench:raw"
+USAGE = {"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320}
 SYSTEM = "You are the support assistant for the 2026 catalogue."
 
 
 def completion(text: str) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion",
-        "created": 0,
-        "model": MODEL,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320},
-    }
+    return chat_completion(text, model=MODEL, usage=USAGE)
 
 
 ANSWER = "An answer of realistic length. " * 60  # ~2 KB

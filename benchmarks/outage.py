@@ -27,25 +27,17 @@ from typing import Any
 from _common import percentile, print_table, write_json
 
 from aiollmcache import LLMCache
-from aiollmcache.testing import RedisServer
+from aiollmcache.testing import RedisServer, chat_completion
 
 MODEL = "gpt-4o-mini"
 ANSWER = "An answer of realistic length. " * 60
+USAGE = {"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320}
 
 
 def make_model(latency: float) -> Any:
     async def model(params: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(latency)
-        return {
-            "id": "chatcmpl-outage",
-            "object": "chat.completion",
-            "created": 0,
-            "model": MODEL,
-            "choices": [
-                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWER}}
-            ],
-            "usage": {"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320},
-        }
+        return chat_completion(ANSWER, model=MODEL, usage=USAGE)
 
     return model
 

@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from _common import percentile, print_table, write_json
 
 from aiollmcache import LLMCache
-from aiollmcache.testing import RedisServer
+from aiollmcache.testing import RedisServer, chat_completion
 
 MODEL = "gpt-4o-mini"
 KEYS = 1000
@@ -43,16 +43,9 @@ ANSWER = "An answer of realistic length. " * 60
 
 
 def completion() -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-throughput",
-        "object": "chat.completion",
-        "created": 0,
-        "model": MODEL,
-        "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": ANSWER}}
-        ],
-        "usage": {"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320},
-    }
+    return chat_completion(
+        ANSWER, model=MODEL, usage={"prompt_tokens": 20, "completion_tokens": 300, "total_tokens": 320}
+    )
 
 
 async def model(params: dict[str, Any]) -> dict[str, Any]:
@@ -104,6 +97,16 @@ async def measure(read: Reader, concurrency: int, seconds: float) -> dict[str, f
     }
 
 
+def _cached_reader(cache: LLMCache) -> Reader:
+    async def read(n: int) -> object:
+        result = await cache.complete(user(n))
+        if result.source != "redis":
+            raise NotFromRedis
+        return result.text
+
+    return read
+
+
 async def contenders(url: str, stack: contextlib.AsyncExitStack) -> dict[str, Reader]:
     raw_json = orjson.dumps(completion())
     readers: dict[str, Reader] = {}
@@ -118,31 +121,20 @@ async def contenders(url: str, stack: contextlib.AsyncExitStack) -> dict[str, Re
 
     readers["raw GET + orjson.loads"] = raw_get
 
-    cache = LLMCache(redis_url=url, upstream=model, model=MODEL, namespace="tp", memory_max_entries=0)
-    stack.push_async_callback(cache.aclose)
-    for start in range(0, KEYS, 100):
-        await asyncio.gather(*(cache.complete(user(n)) for n in range(start, start + 100)))
-
-    async def cached(n: int) -> object:
-        result = await cache.complete(user(n))
-        if result.source != "redis":
-            raise NotFromRedis
-        return result.text
-
-    readers["aiollmcache complete()"] = cached
-
-    unbatched = LLMCache(
-        redis_url=url, upstream=model, model=MODEL, namespace="tp", memory_max_entries=0, redis_batching=False
-    )
-    stack.push_async_callback(unbatched.aclose)
-
-    async def cached_unbatched(n: int) -> object:
-        result = await unbatched.complete(user(n))
-        if result.source != "redis":
-            raise NotFromRedis
-        return result.text
-
-    readers["aiollmcache complete(), no batching"] = cached_unbatched
+    for name, batching in (("aiollmcache complete()", True), ("aiollmcache complete(), no batching", False)):
+        cache = LLMCache(
+            redis_url=url,
+            upstream=model,
+            model=MODEL,
+            namespace="tp",
+            memory_max_entries=0,
+            redis_batching=batching,
+        )
+        stack.push_async_callback(cache.aclose)
+        if batching:  # the first fills Redis for both
+            for start in range(0, KEYS, 100):
+                await asyncio.gather(*(cache.complete(user(n)) for n in range(start, start + 100)))
+        readers[name] = _cached_reader(cache)
 
     try:
         from aiocache import RedisCache

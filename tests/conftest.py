@@ -25,6 +25,13 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill, freeze, restart or exhaust."""
+    with RedisServer() as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:

@@ -20,7 +20,7 @@ from aiollmcache import (
     LLMCache,
     Source,
 )
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI, RedisServer, chat_completion
 
 from .conftest import MODEL, signalling, user
 
@@ -381,15 +381,7 @@ async def test_custom_upstream_callable() -> None:
 
     async def upstream(params: dict[str, object]) -> dict[str, object]:
         seen.append(params)
-        return {
-            "id": "x",
-            "object": "chat.completion",
-            "created": 0,
-            "model": params["model"],
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": "custom"}, "finish_reason": "stop"}
-            ],
-        }
+        return chat_completion("custom", model=str(params["model"]))
 
     async with LLMCache(upstream=upstream, model="m") as c:
         assert (await c.complete(user("hi"), temperature=0)).text == "custom"

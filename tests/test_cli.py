@@ -8,7 +8,7 @@ import pytest
 
 from aiollmcache import CacheControl, LLMCache
 from aiollmcache.cli import _prompts, main
-from aiollmcache.testing import RedisServer
+from aiollmcache.testing import RedisServer, chat_completion
 
 
 def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,15 +35,7 @@ def test_invalidate_retires_by_tag_and_everything(
 ) -> None:
     async def fill() -> None:
         async def upstream(params: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "id": "x",
-                "object": "chat.completion",
-                "created": 0,
-                "model": "m",
-                "choices": [
-                    {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "a"}}
-                ],
-            }
+            return chat_completion("a", model="m")
 
         async with LLMCache(
             redis_url=redis_server.url, upstream=upstream, model="m", namespace=namespace

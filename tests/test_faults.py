@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -24,13 +23,6 @@ PROMPTS = [f"fault prompt {n}" for n in range(20)]
 
 def expected(prompt: str) -> str:
     return f"Answer to: {prompt}"  # what FakeOpenAI answers
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisServer]:
-    """A redis-server this test may kill, freeze and restart."""
-    with RedisServer() as server:
-        yield server
 
 
 async def test_redis_killed_under_load_and_restarted_on_the_same_port(

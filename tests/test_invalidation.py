@@ -25,7 +25,7 @@ from aiollmcache import (
     LLMCache,
     Pattern,
 )
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI, RedisServer, chat_completion
 from aiollmcache.tiers.redis import RedisTier
 
 from .conftest import MODEL, signalling, until, user
@@ -36,14 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def completion(text: str) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-local",
-        "object": "chat.completion",
-        "created": 0,
-        "model": MODEL,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-    }
+    return chat_completion(
+        text, model=MODEL, usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    )
 
 
 async def local_upstream(params: dict[str, Any]) -> dict[str, Any]:
