@@ -650,14 +650,10 @@ class LLMCache:
         """Drop what ``invalidation`` names from the memory tier; return how many."""
         self._epoch += 1
         kind = invalidation.kind
-        tier = self._redis
         if kind is InvalidationKind.KEY:
             assert invalidation.key is not None
             count = int(self._memory.delete(invalidation.key))
         elif kind is InvalidationKind.EVERYTHING or kind is InvalidationKind.RESYNC:
-            version = invalidation.version
-            if version is not None and tier is not None and (tier.version is None or version > tier.version):
-                tier.version = version
             count = self._memory.clear()
         else:
             count = self._memory.evict(invalidation.matches)

@@ -116,8 +116,7 @@ class Pattern:
 
     def matches(self, key: str, model: str, system: str) -> bool:
         return (
-            (self.key is None or fnmatchcase(key, self.key))
-            and (self.model is None or fnmatchcase(model, self.model))
+            self.matches_except_system(key, model)
             and (self.system_contains is None or self.system_contains in system)
             and (self.system is None or fnmatchcase(system, self.system))
         )
@@ -261,7 +260,8 @@ class InvalidationBus:
 
     ``apply`` is called, in order, with every invalidation to apply here:
     those received, and ``RESYNC`` (drop the memory tier) or ``EVERYTHING``
-    (adopt ``version``) when a check finds this process behind. Until the bus
+    when a check finds this process behind. The bus itself moves the tier's
+    namespace version forward, before ``apply`` is called. Until the bus
     has read the state of Redis once, nothing is known to be missed.
     """
 
@@ -366,7 +366,18 @@ class InvalidationBus:
 
     def _receive(self, invalidation: Invalidation) -> None:
         self.stats.received += 1
+        if invalidation.version is not None:
+            self._adopt(invalidation.version)
         self._apply(invalidation)
+
+    def _adopt(self, version: int) -> bool:
+        """Move the namespace version forward to ``version``; False if it is not
+        ahead of the one this process reads."""
+        current = self._tier.version
+        if current is not None and version <= current:
+            return False
+        self._tier.version = version
+        return True
 
     def _resync(self) -> None:
         self.stats.resyncs += 1
@@ -397,10 +408,8 @@ class InvalidationBus:
                 self._tier.version = version  # whatever it is: Redis starts again
                 self._count_id, self._seen = count_id, seq
             else:
-                current = self._tier.version
-                if current is None or version > current:  # never back: a late reply
+                if self._adopt(version):  # never back: a late reply
                     self._apply(Invalidation(InvalidationKind.EVERYTHING, version=version, remote=True))
-                    self._tier.version = max(version, self._tier.version or 0)
                 if seq > seen:
                     # Ahead of us: wait for the messages already on their way.
                     if self._subscription is not None:

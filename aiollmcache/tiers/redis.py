@@ -562,6 +562,7 @@ class RedisTier:
         self.sealer = sealer
         self._batching = batching
         self._batch: list[tuple[str, asyncio.Future[Any]]] | None = None
+        self._reads_in_flight = 0
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
         )
@@ -630,13 +631,27 @@ class RedisTier:
         """GET ``rkey``, sharing one round trip with every GET issued in the
         same event-loop tick.
 
-        The first caller of a tick leads: it yields once to the loop, so that
-        callers ready in the same tick can join, then sends their GETs as one
-        pipeline and hands each its own reply (or error). A lone call costs
-        that one yield. A leader cancelled before the replies came tells the
-        others to send their own GET; a follower cancelled (its budget ran
-        out) just stops waiting.
+        A read while no other is in flight is sent at once: a lone call waits
+        for nothing. Otherwise the first caller of a tick leads: it yields
+        once to the loop, so that callers ready in the same tick can join,
+        then sends their GETs as one pipeline and hands each its own reply (or
+        error). A leader cancelled before the replies came tells the others to
+        send their own GET; a follower cancelled (its budget ran out) just
+        stops waiting.
         """
+        if not self._reads_in_flight:
+            self._reads_in_flight += 1
+            try:
+                return await self._client.get(rkey)
+            finally:
+                self._reads_in_flight -= 1
+        self._reads_in_flight += 1
+        try:
+            return await self._join_batch(rkey)
+        finally:
+            self._reads_in_flight -= 1
+
+    async def _join_batch(self, rkey: str) -> Any:
         batch = self._batch
         if batch is not None:
             joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
