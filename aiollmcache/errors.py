@@ -15,7 +15,8 @@ the SDK's own exception, whether they led the call or waited on it.
     ├── TierError                             a storage tier failed (handled inside the cache)
     │   ├── TierUnavailableError              the tier cannot be reached
     │   │   └── TierTimeoutError (TimeoutError)
-    │   └── CorruptEntryError                 bytes at a key are not a valid entry
+    │   ├── CorruptEntryError                 bytes at a key are not a valid entry
+    │   └── EmbeddingError                    the embedder failed (the semantic tier is skipped)
     └── CoordinationError                     waiting on another process's call went wrong
         ├── WaitTimeoutError (TimeoutError)   the other process's call took longer than max_wait
         └── RemoteUpstreamError               the other process's upstream call failed
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigurationError",
     "CoordinationError",
     "CorruptEntryError",
+    "EmbeddingError",
     "InvalidRequestError",
     "InvalidResponseError",
     "RemoteUpstreamError",
@@ -77,6 +79,11 @@ class TierTimeoutError(TierUnavailableError, TimeoutError):
 
 class CorruptEntryError(TierError):
     """The bytes stored at a key are not a valid entry of this format."""
+
+
+class EmbeddingError(TierError):
+    """The embedder failed, timed out or answered something unusable: the
+    semantic tier is skipped for the request."""
 
 
 class CoordinationError(AiollmcacheError):

@@ -22,7 +22,15 @@ import orjson
 
 from .errors import InvalidRequestError
 
-__all__ = ["EXCLUDED_PARAMS", "VALID_ROLES", "ChatRequest", "build_chat_request", "system_text"]
+__all__ = [
+    "EXCLUDED_PARAMS",
+    "VALID_ROLES",
+    "ChatRequest",
+    "SemanticQuery",
+    "build_chat_request",
+    "semantic_query",
+    "system_text",
+]
 
 VALID_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -229,3 +237,71 @@ def system_text(messages: Sequence[Mapping[str, Any]]) -> str:
                 if isinstance(part, Mapping) and isinstance(part.get("text"), str)
             )
     return "\n".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticQuery:
+    """What the semantic tier matches: ``text``, the last user message, only
+    within ``partition``, the digest of everything else in the request."""
+
+    partition: str
+    text: str
+
+
+def semantic_query(
+    request: ChatRequest, *, embedder: str, upstream_scope: str | None, min_chars: int, max_chars: int
+) -> SemanticQuery | str:
+    """The request's :class:`SemanticQuery`, or why it must only match exactly.
+
+    The partition is the digest of the canonical request (as for the key)
+    with the last message's content left out and the embedder's name in:
+    the model, every earlier turn (the system prompt included), the last
+    message's other fields and every parameter that changes the answer must
+    all be equal for two requests to be compared by meaning.
+    """
+    params = request.params
+    messages = params["messages"]
+    last = messages[-1]
+    if last.get("role") != "user":
+        return "the last message is not the user's"
+    for message in messages:
+        if (
+            message.get("role") in ("tool", "function")
+            or message.get("tool_calls")
+            or message.get("function_call")
+        ):
+            return "tool calls in the conversation"
+    n = params.get("n")
+    if n is not None and n != 1:
+        return "n > 1"
+    content = last.get("content")
+    if isinstance(content, str):
+        text = content
+    else:
+        parts = content if isinstance(content, list) else []
+        if not parts or any(
+            part.get("type") != "text" or not isinstance(part.get("text"), str) for part in parts
+        ):
+            return "content other than text"
+        text = "\n".join(part["text"] for part in parts)
+    length = len(text.strip())
+    if length < min_chars:
+        return "prompt shorter than min_chars"
+    if length > max_chars:
+        return "prompt longer than max_chars"
+    keyed: dict[str, Any] = {
+        "model": request.model,
+        "messages": messages[:-1],
+        "@last": {k: v for k, v in last.items() if k != "content"},
+        "@embedder": embedder,
+    }
+    if upstream_scope:
+        keyed["@upstream"] = upstream_scope
+    for name, value in params.items():
+        if name in ("model", "messages") or name in EXCLUDED_PARAMS or _is_omitted(value):
+            continue
+        canon = _canon(value, name)
+        if canon is not None:
+            keyed[name] = canon
+    canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
+    return SemanticQuery(blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest(), text)

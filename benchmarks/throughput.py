@@ -17,7 +17,8 @@ succeeded), p50 and p99 latency, reads per second relative to the raw GET at
 the same concurrency, reads that failed, and (for aiollmcache) calls that
 were answered by the model because their Redis read ran out of time.
 
-    python benchmarks/throughput.py [--seconds 2] [--concurrency 1,10,100,1000] [--plot PNG]
+    python benchmarks/throughput.py [--seconds 2] [--rounds 4] [--lone-calls 20000]
+                                   [--concurrency 1,10,100,1000] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -63,38 +64,46 @@ class NotFromRedis(Exception):
     """An answer the cache got from the model: its Redis read ran out of time."""
 
 
-async def measure(read: Reader, concurrency: int, seconds: float) -> dict[str, float]:
-    latencies: list[float] = []
-    errors = 0
-    fallbacks = 0
+class Sample:
+    """One contender at one concurrency, over all its rounds."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+        self.errors = 0
+        self.fallbacks = 0
+
+    def summary(self) -> dict[str, float]:
+        ordered = sorted(v * 1000 for v in self.latencies)
+        return {
+            "reads_per_s": len(self.latencies) / self.elapsed,
+            "p50_ms": percentile(ordered, 50),
+            "p99_ms": percentile(ordered, 99),
+            "errors": self.errors,
+            "from_model": self.fallbacks,
+        }
+
+
+async def measure(read: Reader, concurrency: int, seconds: float, sample: Sample) -> None:
     stop_at = time.perf_counter() + seconds
 
     async def worker(w: int) -> None:
-        nonlocal errors, fallbacks
         n = w
         while (started := time.perf_counter()) < stop_at:
             try:
                 await read(n % KEYS)
             except NotFromRedis:
-                fallbacks += 1
+                sample.fallbacks += 1
             except Exception:  # counted: a read that failed is not a read
-                errors += 1
+                sample.errors += 1
             else:
-                latencies.append(time.perf_counter() - started)
+                sample.latencies.append(time.perf_counter() - started)
             n += concurrency
 
     gc.collect()
     began = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    ordered = sorted(v * 1000 for v in latencies)
-    return {
-        "reads_per_s": len(latencies) / elapsed,
-        "p50_ms": percentile(ordered, 50),
-        "p99_ms": percentile(ordered, 99),
-        "errors": errors,
-        "from_model": fallbacks,
-    }
+    sample.elapsed += time.perf_counter() - began
 
 
 def _cached_reader(cache: LLMCache) -> Reader:
@@ -172,15 +181,45 @@ async def contenders(url: str, stack: contextlib.AsyncExitStack) -> dict[str, Re
     return readers
 
 
-async def run(args: argparse.Namespace, url: str) -> dict[str, dict[int, dict[str, float]]]:
+async def run(
+    args: argparse.Namespace, url: str
+) -> tuple[dict[str, dict[int, dict[str, float]]], dict[str, float]]:
     report: dict[str, dict[int, dict[str, float]]] = {}
     async with contextlib.AsyncExitStack() as stack:
         readers = await contenders(url, stack)
+        lone = await lone_calls(readers, args.lone_calls)
         for concurrency in args.concurrency:
-            # Contenders take turns at each concurrency, so noise falls on all.
-            for name, read in readers.items():
-                report.setdefault(name, {})[concurrency] = await measure(read, concurrency, args.seconds)
-    return report
+            # Contenders take turns, round after round, so that the machine's
+            # noise falls on all of them alike.
+            samples = {name: Sample() for name in readers}
+            for _ in range(args.rounds):
+                for name, read in readers.items():
+                    await measure(read, concurrency, args.seconds / args.rounds, samples[name])
+            for name, sample in samples.items():
+                report.setdefault(name, {})[concurrency] = sample.summary()
+    return report, lone
+
+
+async def lone_calls(readers: dict[str, Reader], calls: int) -> dict[str, float]:
+    """One call at a time, batching on and off alternating call by call, so
+    that the machine's noise falls on both alike: what batching costs a call
+    that has nobody to share a round trip with."""
+    on, off = readers["aiollmcache complete()"], readers["aiollmcache complete(), no batching"]
+    timings: dict[Reader, list[float]] = {on: [], off: []}
+    gc.collect()
+    for n in range(calls):
+        for read in (on, off) if n % 2 else (off, on):
+            started = time.perf_counter()
+            await read(n % KEYS)
+            timings[read].append(time.perf_counter() - started)
+    p50_on = percentile(sorted(timings[on]), 50) * 1000
+    p50_off = percentile(sorted(timings[off]), 50) * 1000
+    return {
+        "calls": calls,
+        "p50_ms_batching": p50_on,
+        "p50_ms_no_batching": p50_off,
+        "added": p50_on / p50_off - 1,
+    }
 
 
 def plot(report: dict[str, dict[int, dict[str, float]]], path: str) -> None:
@@ -206,13 +245,15 @@ def plot(report: dict[str, dict[int, dict[str, float]]], path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=2.0, help="per contender and concurrency")
+    parser.add_argument("--rounds", type=int, default=4, help="turns the seconds are split into")
     parser.add_argument("--concurrency", default="1,10,100,1000")
+    parser.add_argument("--lone-calls", type=int, default=20000, help="alternating lone calls, on vs off")
     parser.add_argument("--plot", default=None, metavar="PNG")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     with RedisServer() as server:
-        report = asyncio.run(run(args, server.url))
+        report, lone = asyncio.run(run(args, server.url))
     base = report["raw GET + orjson.loads"]
     rows = [
         (
@@ -229,11 +270,32 @@ def main() -> None:
         for name, by_c in report.items()
         for r in [by_c[c]]
     ]
-    print(f"{args.seconds} s per contender and concurrency, {KEYS} distinct keys, a ~2 KB answer\n")
+    print(
+        f"{args.seconds} s per contender and concurrency in {args.rounds} interleaved rounds, "
+        f"{KEYS} distinct keys, a ~2 KB answer\n"
+    )
     header = ("contender", "concurrency", "reads/s", "p50 ms", "p99 ms", "vs raw GET", "failed", "from model")
     print_table(header, rows)
-    settings = {"seconds": args.seconds, "concurrency": args.concurrency}
-    print(f"\nwrote {write_json('throughput', {'settings': settings, 'results': report}, args.json)}")
+    batched, unbatched = report["aiollmcache complete()"], report["aiollmcache complete(), no batching"]
+    for c in args.concurrency:
+        print(
+            f"concurrency {c}: batching changes p50 latency by "
+            f"{batched[c]['p50_ms'] / unbatched[c]['p50_ms'] - 1:+.1%}, reads/s by "
+            f"{batched[c]['reads_per_s'] / unbatched[c]['reads_per_s'] - 1:+.1%}"
+        )
+    print(
+        f"lone calls, batching on and off alternating ({lone['calls']:,} each): p50 "
+        f"{lone['p50_ms_batching'] * 1000:.1f} us vs {lone['p50_ms_no_batching'] * 1000:.1f} us, "
+        f"batching adds {lone['added']:+.1%}"
+    )
+    settings = {
+        "seconds": args.seconds,
+        "rounds": args.rounds,
+        "concurrency": args.concurrency,
+        "lone_calls": args.lone_calls,
+    }
+    document = {"settings": settings, "results": report, "lone_calls": lone}
+    print(f"\nwrote {write_json('throughput', document, args.json)}")
     if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")

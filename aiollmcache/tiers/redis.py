@@ -34,6 +34,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, TypeVar, cast
 
 import redis.asyncio as aioredis
@@ -96,32 +97,64 @@ return 0
 # ARGV[3] is the longest life an entry may have; the header is decoded only
 # when less than half of it is left, not on every read of a hot key.
 # Returns {entry, PTTL in ms} or nil.
-_GET_HOT = """
-local value = redis.call('GET', KEYS[1])
-if not value then
-  return false
-end
-local hits = redis.call('INCR', KEYS[2])
-if hits == 1 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[1])
-end
-local pttl = redis.call('PTTL', KEYS[1])
-if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and #value >= 13 then
-  local length = struct.unpack('>I4', value, 6)
-  local ok, header = pcall(cjson.decode, string.sub(value, 14, 13 + length))
-  if ok and type(header) == 'table' and type(header[3]) == 'number'
-      and type(header[4]) == 'number' and type(header[5]) == 'number' and header[5] > header[4] then
-    local time = redis.call('TIME')
-    local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    local life = math.floor((header[5] - header[3]) * 1000)
-    local target = math.min(life, math.floor(header[3] * 1000 + tonumber(ARGV[4])) - now_ms)
-    if target > pttl then
-      redis.call('PEXPIRE', KEYS[1], target)
-      pttl = target
+_READ_HOT = """
+local function read_hot(ekey, hkey)
+  local value = redis.call('GET', ekey)
+  if not value then
+    return false
+  end
+  local hits = redis.call('INCR', hkey)
+  if hits == 1 then
+    redis.call('PEXPIRE', hkey, ARGV[1])
+  end
+  local pttl = redis.call('PTTL', ekey)
+  if hits >= tonumber(ARGV[2]) and pttl * 2 < tonumber(ARGV[3]) and #value >= 13 then
+    local length = struct.unpack('>I4', value, 6)
+    local ok, header = pcall(cjson.decode, string.sub(value, 14, 13 + length))
+    if ok and type(header) == 'table' and type(header[3]) == 'number'
+        and type(header[4]) == 'number' and type(header[5]) == 'number' and header[5] > header[4] then
+      local time = redis.call('TIME')
+      local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+      local life = math.floor((header[5] - header[3]) * 1000)
+      local target = math.min(life, math.floor(header[3] * 1000 + tonumber(ARGV[4])) - now_ms)
+      if target > pttl then
+        redis.call('PEXPIRE', ekey, target)
+        pttl = target
+      end
     end
   end
+  return {value, pttl}
 end
-return {value, pttl}
+"""
+
+_GET_HOT = _READ_HOT + "return read_hot(KEYS[1], KEYS[2])\n"
+
+# The same for many entries at once, KEYS holding (entry, hits) pairs: a list
+# with, for each pair, {entry, PTTL in ms} or nil, nil also for a key that
+# holds another type (its reader asks again on its own, and so learns it).
+_GET_HOT_MANY = (
+    _READ_HOT
+    + """
+local found = {}
+for i = 1, #KEYS, 2 do
+  local ok, value = pcall(read_hot, KEYS[i], KEYS[i + 1])
+  found[#found + 1] = ok and value
+end
+return found
+"""
+)
+
+# Append a vector record (ARGV[1..4]: entry key, vector bytes, dtype, expiry
+# as unix seconds) to a partition's stream KEYS[1], trimmed to about ARGV[5]
+# records; the stream lives as long as its longest-lived record (ARGV[6] ms).
+_ADD_VECTOR = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+  'k', ARGV[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[4])
+local ttl = tonumber(ARGV[6])
+if redis.call('PTTL', KEYS[1]) < ttl then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+end
+return 1
 """
 
 # Read the entry (unless ARGV[3] is "1": the caller rejected the one there);
@@ -444,7 +477,21 @@ class CircuitBreaker:
             await self._pinger.aclose(close_connection_pool=True)
 
 
-_SEND_YOUR_OWN: Final = object()  # a batch's leader gave up: GET on your own
+_READ_ALONE: Final = object()  # a batch's leader gave up: read on your own
+# At most this many reads share one command: its reply, up to this many
+# entries, is read as one piece.
+_BATCH_MAX: Final = 256
+
+
+class _Batches:
+    """The open batch of one kind of read, and how a batch is sent."""
+
+    __slots__ = ("open", "send")
+
+    def __init__(self, send: Callable[[list[tuple[str, ...]]], Awaitable[list[Any]]]) -> None:
+        self.open: list[tuple[tuple[str, ...], asyncio.Future[Any]]] | None = None
+        self.send = send
+
 
 # Entries up to this size travel inside the "done" notification.
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
@@ -561,7 +608,8 @@ class RedisTier:
         self._budget = _Budget(timeout)
         self.sealer = sealer
         self._batching = batching
-        self._batch: list[tuple[str, asyncio.Future[Any]]] | None = None
+        self._gets = _Batches(self._mget)
+        self._hot_reads = _Batches(self._get_hot_batch)
         self._reads_in_flight = 0
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
@@ -578,7 +626,9 @@ class RedisTier:
         self._publish_invalidation = client.register_script(_PUBLISH_INVALIDATION)
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._acquire = client.register_script(_ACQUIRE)
+        self._add_vector = client.register_script(_ADD_VECTOR)
         self._get_hot = client.register_script(_GET_HOT)
+        self._get_hot_many = client.register_script(_GET_HOT_MANY)
         self._hot = hot
         self._renew = client.register_script(_RENEW)
         self._commit = client.register_script(_COMMIT)
@@ -619,64 +669,72 @@ class RedisTier:
         if self._hot is not None:
             return await self._get_counting(key)
         rkey = self.entry_key(key)
-        command = self._batched_get(rkey) if self._batching else self._client.get(rkey)
-        blob = await self._read(rkey, command)
+        if not self._batching:
+            blob = await self._read(rkey, self._client.get(rkey))
+        else:
+            alone = partial(self._client.get, rkey)
+            command = self._batched(self._gets, (rkey,), alone) if self._reads_in_flight else alone()
+            self._reads_in_flight += 1
+            try:
+                blob = await self._read(rkey, command)
+            finally:
+                self._reads_in_flight -= 1
         if blob is None:
             return MISSING
         if not isinstance(blob, bytes):  # only a client that decodes responses returns str
             raise CorruptEntryError("redis returned text, not bytes")
         return await self._decode(key, rkey, blob)
 
-    async def _batched_get(self, rkey: str) -> Any:
-        """GET ``rkey``, sharing one round trip with every GET issued in the
-        same event-loop tick.
+    async def _batched(
+        self, batches: _Batches, keys: tuple[str, ...], alone: Callable[[], Awaitable[Any]]
+    ) -> Any:
+        """Read ``keys`` with one command of ``batches``, sharing its round trip
+        with every read of the same kind issued in the same event-loop tick.
 
-        A read while no other is in flight is sent at once: a lone call waits
-        for nothing. Otherwise the first caller of a tick leads: it yields
-        once to the loop, so that callers ready in the same tick can join,
-        then sends their GETs as one pipeline and hands each its own reply (or
-        error). A leader cancelled before the replies came tells the others to
-        send their own GET; a follower cancelled (its budget ran out) just
-        stops waiting.
+        Only for a read issued while others are in flight (``_reads_in_flight``,
+        counted by the callers): a lone read is sent at once with ``alone()``
+        and waits for nothing. The first caller of a tick leads: it yields
+        once to the loop, so that callers ready in the same tick can join (up
+        to ``_BATCH_MAX``), then sends all their keys as one command and hands
+        each its own reply. The batched commands answer nil both for a missing
+        entry and for a key holding another type, so a caller that got nil
+        asks again with ``alone()``: a miss costs a second round trip (next to
+        a model call, nothing), and a foreign value fails its own read exactly
+        as without batching. A leader cancelled before the replies came tells
+        the others to read alone; a follower cancelled (its budget ran out)
+        just stops waiting. An error of the batched command (the connection, a
+        timeout) is every member's error.
         """
-        if not self._reads_in_flight:
-            self._reads_in_flight += 1
-            try:
-                return await self._client.get(rkey)
-            finally:
-                self._reads_in_flight -= 1
-        self._reads_in_flight += 1
-        try:
-            return await self._join_batch(rkey)
-        finally:
-            self._reads_in_flight -= 1
+        reply = await self._join(batches, keys)
+        if reply is None or reply is _READ_ALONE:
+            reply = await alone()
+        return reply
 
-    async def _join_batch(self, rkey: str) -> Any:
-        batch = self._batch
+    async def _join(self, batches: _Batches, keys: tuple[str, ...]) -> Any:
+        batch = batches.open
         if batch is not None:
             joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            batch.append((rkey, joined))
+            batch.append((keys, joined))
+            if len(batch) >= _BATCH_MAX:
+                batches.open = None  # full: the next caller leads a new one
             reply = await joined
-            if reply is _SEND_YOUR_OWN:
-                return await self._client.get(rkey)
             if isinstance(reply, Exception):
                 raise reply
             return reply
-        batch = self._batch = []
+        batch = batches.open = []
         try:
             try:
                 await asyncio.sleep(0)
             finally:
-                self._batch = None
+                if batches.open is batch:
+                    batches.open = None
             if not batch:
-                return await self._client.get(rkey)
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.get(rkey)
-                for other, _ in batch:
-                    pipe.get(other)
-                replies = await pipe.execute(raise_on_error=False)
+                return _READ_ALONE
+            replies = await batches.send([keys, *[other for other, _ in batch]])
+            if len(replies) != len(batch) + 1:
+                raise ResponseError(f"a batch of {len(batch) + 1} reads got {len(replies)} replies")
         except BaseException as exc:
-            handed: object = _SEND_YOUR_OWN if not isinstance(exc, Exception) else exc
+            handed: object = _READ_ALONE if not isinstance(exc, Exception) else exc
             for _, waiter in batch:
                 if not waiter.done():
                     waiter.set_result(handed)
@@ -684,9 +742,19 @@ class RedisTier:
         for (_, waiter), reply in zip(batch, replies[1:], strict=True):
             if not waiter.done():
                 waiter.set_result(reply)
-        if isinstance(replies[0], Exception):
-            raise replies[0]
         return replies[0]
+
+    def _mget(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
+        return self._client.mget([rkey for (rkey,) in reads])
+
+    def _hot_args(self) -> list[int]:
+        hot = self._hot
+        assert hot is not None
+        return [hot.window_ms, hot.hits, hot.extend_ms, hot.max_age_ms]
+
+    def _get_hot_batch(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
+        keys = [key for pair in reads for key in pair]
+        return cast("Awaitable[list[Any]]", self._get_hot_many(keys=keys, args=self._hot_args()))
 
     async def _read(self, rkey: str, command: Awaitable[T]) -> T:
         """Read an entry key; a value of another type there is foreign data."""
@@ -700,12 +768,18 @@ class RedisTier:
 
     async def _get_counting(self, key: str) -> Entry | _Missing:
         """GET with hit counting and sliding life for hot keys, one round trip."""
-        hot = self._hot
-        assert hot is not None
         rkey = self.entry_key(key)
-        keys = [rkey, self._key("h", key)]
-        args = [hot.window_ms, hot.hits, hot.extend_ms, hot.max_age_ms]
-        found = await self._read(rkey, self._get_hot(keys=keys, args=args))
+        keys = (rkey, self._key("h", key))
+        alone = partial(self._get_hot, keys=keys, args=self._hot_args())
+        if not self._batching:
+            found = await self._read(rkey, alone())
+        else:
+            command = self._batched(self._hot_reads, keys, alone) if self._reads_in_flight else alone()
+            self._reads_in_flight += 1
+            try:
+                found = await self._read(rkey, command)
+            finally:
+                self._reads_in_flight -= 1
         if not found:
             return MISSING
         blob, pttl = found
@@ -730,6 +804,34 @@ class RedisTier:
         except CorruptEntryError:
             await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
             raise
+
+    # -- the semantic tier's vectors (see aiollmcache.tiers.semantic) -----------
+
+    def vector_key(self, partition: str) -> str:
+        return self._key("v", partition)
+
+    async def add_vector(
+        self, partition: str, key: str, blob: bytes, dtype: str, expires_at: float, max_records: int
+    ) -> None:
+        ttl_ms = math.ceil((expires_at - self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return
+        args: list[str | int | bytes] = [key, blob, dtype, repr(expires_at), max_records, ttl_ms]
+        await self._call("ADD VECTOR", self._add_vector(keys=[self.vector_key(partition)], args=args))
+
+    async def read_vectors(
+        self, partition: str, after: str, count: int
+    ) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Up to ``count`` records of a partition's stream after id ``after``
+        (``"-"``: from the start), oldest first."""
+        low = after if after == "-" else f"({after}"
+        records: Any = await self._call(
+            "XRANGE", self._client.xrange(self.vector_key(partition), min=low, max="+", count=count)
+        )
+        return [
+            (rid.decode() if isinstance(rid, bytes) else str(rid), fields if isinstance(fields, dict) else {})
+            for rid, fields in records or ()
+        ]
 
     # -- the lease (see aiollmcache.flight) ------------------------------------
 

@@ -1,0 +1,493 @@
+"""The semantic tier: vectors of past questions, searched by similarity.
+
+A request is matched semantically only within its *partition*: the exact
+hash of everything but its last user message (see
+:func:`aiollmcache.request.semantic_query`). Each partition is a
+:class:`VectorIndex` in this process, kept in step with a Redis Stream of the
+partition's vectors that every process appends to (``add``) and reads from
+where it last stopped (``search`` first catches up), so a vector written by
+one process is searchable by the others at their next lookup in that
+partition.
+
+The index answers *candidates*; whether a candidate is served is the
+client's decision, after reading the candidate's entry (an invalidated or
+expired entry is gone, and its row is then forgotten here).
+
+Search cost: up to ``exact_below`` rows, every row is compared. Beyond, each
+row also keeps a sign sketch of its vector (one bit per dimension): the
+``candidates`` rows nearest to the query by Hamming distance are found with
+XOR and popcount over the sketches (48 bytes a row at 384 dimensions), then
+ranked by their exact cosine similarity. For the near-duplicates a cache
+looks for (similarity 0.8 and more), the sketch distance is a tight proxy of
+the angle (the chance that one sign differs is angle / pi), so the true best
+match is among the candidates; the benchmark measures how often it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import anyio.to_thread
+import numpy as np
+import numpy.typing as npt
+
+from .._log import RateLimitedLogger
+from ..embeddings import Embedder
+from ..errors import ConfigurationError, TierError
+from .redis import RedisTier
+
+__all__ = ["DEFAULT_THRESHOLD", "Candidate", "SemanticConfig", "SemanticTier", "VectorIndex"]
+
+DEFAULT_THRESHOLD: Final = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class SemanticConfig:
+    """Settings of the semantic tier; ``LLMCache(semantic=SemanticConfig())``.
+
+    - ``threshold``: the cosine similarity at or above which a past question
+      answers a new one (see docs/semantic.md for how the default was chosen).
+    - ``model``, ``dimensions``: the embedding model of the default embedder,
+      the ``openai=`` client's embeddings endpoint.
+    - ``embedder``: any :class:`~aiollmcache.embeddings.Embedder` instead.
+    - ``min_chars``, ``max_chars``: prompts shorter or longer (stripped) are
+      only matched exactly.
+    - ``max_entries``: vectors kept in this process (least recently searched
+      partitions are dropped first) and per partition in Redis.
+    - ``dtype``: ``"float16"`` (half the memory, the default) or ``"float32"``.
+    - ``timeout``: bound of one embeddings request, seconds.
+    - ``cache_size``: texts whose embeddings are kept in this process.
+    - ``thread_above``: partitions of at least this many rows are searched in
+      a worker thread, off the event loop.
+    - ``failure_backoff``: after the embedder failed, the tier is skipped for
+      this many seconds.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    model: str = "text-embedding-3-small"
+    embedder: Embedder | None = None
+    dimensions: int | None = None
+    min_chars: int = 10
+    max_chars: int = 8000
+    max_entries: int = 100_000
+    dtype: str = "float16"
+    timeout: float = 5.0
+    cache_size: int = 10_000
+    thread_above: int = 20_000
+    failure_backoff: float = 5.0
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float = float("inf")) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ConfigurationError(
+                    f"SemanticConfig.{name}: expected a number in [{low}, {high}], got {value!r}"
+                )
+
+        def count(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigurationError(
+                    f"SemanticConfig.{name}: expected an integer >= {low}, got {value!r}"
+                )
+
+        number("threshold", 0.0, 1.0)
+        number("timeout", 0.001)
+        number("failure_backoff", 0.0)
+        for name, low in (
+            ("min_chars", 0),
+            ("max_chars", 1),
+            ("max_entries", 1),
+            ("cache_size", 0),
+            ("thread_above", 0),
+        ):
+            count(name, low)
+        if self.max_chars < self.min_chars:
+            raise ConfigurationError("SemanticConfig.max_chars: must be at least min_chars")
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigurationError(
+                f"SemanticConfig.dtype: expected 'float16' or 'float32', got {self.dtype!r}"
+            )
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigurationError(f"SemanticConfig.model: expected a non-empty string, got {self.model!r}")
+        if self.dimensions is not None:
+            count("dimensions", 1)
+        if self.embedder is not None and not (
+            isinstance(getattr(self.embedder, "name", None), str)
+            and callable(getattr(self.embedder, "embed", None))
+        ):
+            raise ConfigurationError(
+                f"SemanticConfig.embedder: expected an Embedder (a name and an async embed()), "
+                f"got {type(self.embedder).__name__}"
+            )
+
+
+Vectors = npt.NDArray[np.float32]
+
+# Sketch distances are computed this many rows at a time (the temporaries
+# stay in cache).
+_CHUNK: Final = 65_536
+_SYNC_BATCH: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    key: str
+    similarity: float
+
+
+def _sketch(vectors: npt.NDArray[Any], words: int) -> npt.NDArray[np.uint64]:
+    """One bit per dimension (set when positive), packed into ``words`` uint64."""
+    bits = np.packbits(np.asarray(vectors) > 0, axis=-1)
+    pad = words * 8 - bits.shape[-1]
+    if pad:
+        bits = np.concatenate([bits, np.zeros((*bits.shape[:-1], pad), np.uint8)], axis=-1)
+    return np.ascontiguousarray(bits).view(np.uint64)
+
+
+class VectorIndex:
+    """Unit vectors of one partition, each with its entry key and expiry.
+
+    Mutated only on the event loop; ``search`` may run in a worker thread at
+    the same time. That is safe because rows are only appended past the
+    size a search took at its start, arrays are replaced (never resized in
+    place) when they grow, and removal only lowers a row's expiry.
+    """
+
+    def __init__(self, dimensions: int, *, dtype: str = "float16") -> None:
+        self.dimensions = dimensions
+        self.dtype = np.dtype(dtype)
+        self._words = (dimensions + 63) // 64
+        self._vectors = np.zeros((0, dimensions), self.dtype)
+        self._sketches = np.zeros((0, self._words), np.uint64)
+        self._expires = np.zeros(0, np.float64)
+        self._keys: list[str] = []
+        self._rows: dict[str, int] = {}
+        self._size = 0
+        self.removed = 0  # rows removed or replaced, still in the arrays
+
+    def __len__(self) -> int:
+        return self._size - self.removed
+
+    @property
+    def rows(self) -> int:
+        return self._size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the arrays (capacity included), the keys and the map."""
+        keys = sum(len(k) + 49 for k in self._keys)  # a str of ASCII: 49 bytes + its length
+        return (
+            self._vectors.nbytes
+            + self._sketches.nbytes
+            + self._expires.nbytes
+            + keys
+            + 8 * len(self._keys)  # the list's pointers
+            + _dict_bytes(len(self._rows))
+        )
+
+    def _reserve(self, extra: int) -> None:
+        needed = self._size + extra
+        capacity = self._vectors.shape[0]
+        if needed <= capacity:
+            return
+        capacity = max(needed, capacity + capacity // 2, 64)
+        vectors = np.zeros((capacity, self.dimensions), self.dtype)
+        vectors[: self._size] = self._vectors[: self._size]
+        sketches = np.zeros((capacity, self._words), np.uint64)
+        sketches[: self._size] = self._sketches[: self._size]
+        expires = np.zeros(capacity, np.float64)
+        expires[: self._size] = self._expires[: self._size]
+        self._vectors, self._sketches, self._expires = vectors, sketches, expires
+
+    def add(self, key: str, vector: Vectors, expires_at: float) -> None:
+        self.add_many([key], vector.reshape(1, -1), np.array([expires_at], np.float64))
+
+    def add_many(self, keys: Sequence[str], vectors: Vectors, expires: npt.NDArray[np.float64]) -> None:
+        """Add unit vectors; a key already here is updated (its expiry moved,
+        its vector replaced by a new row if it changed)."""
+        if vectors.shape != (len(keys), self.dimensions):
+            raise ValueError(f"vectors of shape {vectors.shape} for {len(keys)} keys of {self.dimensions}")
+        stored = vectors.astype(self.dtype)
+        fresh: list[int] = []
+        for i, key in enumerate(keys):
+            row = self._rows.get(key)
+            if row is not None:
+                if np.array_equal(self._vectors[row], stored[i]):
+                    self._expires[row] = max(self._expires[row], expires[i])
+                    continue
+                self._expires[row] = 0.0
+                self.removed += 1
+                del self._rows[key]
+            fresh.append(i)
+        if not fresh:
+            return
+        self._reserve(len(fresh))
+        start, end = self._size, self._size + len(fresh)
+        self._vectors[start:end] = stored[fresh]
+        self._sketches[start:end] = _sketch(stored[fresh], self._words)
+        self._expires[start:end] = expires[fresh]
+        for offset, i in enumerate(fresh):
+            key = keys[i]
+            if key in self._rows:  # the same key twice in one call: the last wins
+                self._expires[self._rows[key]] = 0.0
+                self.removed += 1
+            self._keys.append(key)
+            self._rows[key] = start + offset
+        self._size = end
+
+    def remove(self, key: str) -> bool:
+        row = self._rows.pop(key, None)
+        if row is None:
+            return False
+        self._expires[row] = 0.0
+        self.removed += 1
+        return True
+
+    def search(
+        self, query: Vectors, now: float, *, limit: int, exact_below: int, candidates: int
+    ) -> list[Candidate]:
+        """The ``limit`` most similar unexpired rows, best first (any similarity)."""
+        size = self._size
+        if size == 0:
+            return []
+        vectors, sketches, expires, keys = self._vectors, self._sketches, self._expires, self._keys
+        if size <= exact_below:
+            rows = np.arange(size)
+            similarities = vectors[:size].astype(np.float32) @ query
+        else:
+            wanted = _sketch(query, self._words)
+            distances = np.empty(size, np.uint16)
+            for start in range(0, size, _CHUNK):
+                end = min(size, start + _CHUNK)
+                np.sum(np.bitwise_count(sketches[start:end] ^ wanted), axis=1, out=distances[start:end])
+            k = min(candidates, size)
+            rows = np.argpartition(distances, k - 1)[:k] if k < size else np.arange(size)
+            similarities = vectors[rows].astype(np.float32) @ query
+        similarities = np.where(expires[rows] > now, similarities, -np.inf)
+        order = np.argsort(-similarities)[:limit]
+        return [
+            Candidate(keys[int(rows[i])], float(similarities[i])) for i in order if similarities[i] > -np.inf
+        ]
+
+    def compact(self, keep: int | None = None) -> None:
+        """Drop removed rows; with ``keep``, also the oldest rows beyond it."""
+        live = np.fromiter(sorted(self._rows.values()), np.int64, len(self._rows))
+        if keep is not None and len(live) > keep:
+            for row in live[: len(live) - keep]:
+                del self._rows[self._keys[int(row)]]
+            live = live[len(live) - keep :]
+        self._vectors = self._vectors[live].copy()
+        self._sketches = self._sketches[live].copy()
+        self._expires = self._expires[live].copy()
+        self._keys = [self._keys[int(row)] for row in live]
+        self._rows = {key: row for row, key in enumerate(self._keys)}
+        self._size = len(live)
+        self.removed = 0
+
+
+def _dict_bytes(n: int) -> int:
+    # A dict's table: 8 bytes of index and 24 of entry per slot, at 2/3 load.
+    return int(n * 1.5 * 32) if n else 0
+
+
+@dataclass
+class _Partition:
+    name: str
+    index: VectorIndex | None = None
+    last_id: str = "-"
+    syncing: asyncio.Task[None] | None = None
+
+
+class SemanticTier:
+    """Partitions of vectors in this process, shared through Redis when it is
+    there (``redis``); without Redis, this process's own answers only."""
+
+    def __init__(
+        self,
+        *,
+        redis: RedisTier | None,
+        dtype: str,
+        max_entries: int,
+        thread_above: int,
+        exact_below: int = 2048,
+        candidates: int = 64,
+        limit: int = 4,
+    ) -> None:
+        self._redis = redis
+        self._dtype = dtype
+        self._max_entries = max_entries
+        self._thread_above = thread_above
+        self._exact_below = exact_below
+        self._candidates = candidates
+        self._limit = limit
+        self._partitions: OrderedDict[str, _Partition] = OrderedDict()
+        self._rows = 0
+        self._version: int | None = None
+        self._log = RateLimitedLogger()
+        self.sync_errors = 0
+        self.records_skipped = 0
+
+    @property
+    def entries(self) -> int:
+        return sum(len(p.index) for p in self._partitions.values() if p.index is not None)
+
+    def clear(self) -> None:
+        """Forget every partition (the namespace moved to a new version)."""
+        for partition in self._partitions.values():
+            if partition.syncing is not None:
+                partition.syncing.cancel()
+        self._partitions.clear()
+
+    def _partition(self, name: str) -> _Partition:
+        version = self._redis.version if self._redis is not None else None
+        if version != self._version:
+            self.clear()
+            self._version = version
+        partition = self._partitions.get(name)
+        if partition is None:
+            partition = self._partitions[name] = _Partition(name)
+        else:
+            self._partitions.move_to_end(name)
+        return partition
+
+    async def search(self, name: str, query: Vectors, now: float) -> list[Candidate]:
+        """Candidates for ``query`` in partition ``name``, best first, after
+        catching up with what other processes added."""
+        partition = self._partition(name)
+        if self._redis is not None:
+            await self._catch_up(partition)
+        index = partition.index
+        if index is None or index.dimensions != query.shape[0]:
+            return []
+        search = index.search
+        kwargs = {"limit": self._limit, "exact_below": self._exact_below, "candidates": self._candidates}
+        if index.rows >= self._thread_above:
+            return await anyio.to_thread.run_sync(lambda: search(query, now, **kwargs))
+        return search(query, now, **kwargs)
+
+    def forget(self, name: str, key: str) -> None:
+        """The entry of ``key`` is gone (invalidated or expired): stop matching it."""
+        partition = self._partitions.get(name)
+        if partition is not None and partition.index is not None:
+            partition.index.remove(key)
+
+    async def add(self, name: str, key: str, vector: Vectors, expires_at: float) -> None:
+        """Index the answer stored at ``key`` (after it was stored) here and,
+        for the other processes, in Redis."""
+        self._insert(self._partition(name), [key], vector.reshape(1, -1), np.array([expires_at]))
+        if self._redis is not None and self._redis.version is not None:
+            blob = vector.astype(self._stored_dtype()).tobytes()
+            await self._redis.add_vector(name, key, blob, self._dtype_code(), expires_at, self._max_entries)
+
+    def _stored_dtype(self) -> np.dtype[Any]:
+        return np.dtype(self._dtype).newbyteorder("<")
+
+    def _dtype_code(self) -> str:
+        return "f2" if np.dtype(self._dtype).itemsize == 2 else "f4"
+
+    def _insert(
+        self, partition: _Partition, keys: list[str], vectors: Vectors, expires: npt.NDArray[np.float64]
+    ) -> None:
+        index = partition.index
+        if index is None or index.dimensions != vectors.shape[1]:
+            if index is not None:
+                self._rows -= index.rows
+            index = partition.index = VectorIndex(vectors.shape[1], dtype=self._dtype)
+        before = index.rows
+        index.add_many(keys, vectors, expires)
+        self._rows += index.rows - before
+        if index.removed > max(1024, len(index)):
+            self._rows -= index.rows
+            index.compact()
+            self._rows += index.rows
+        self._bound()
+
+    def _bound(self) -> None:
+        """Keep at most ``max_entries`` rows in this process: least recently
+        searched partitions go first (they are read again from Redis when
+        next searched), then the oldest rows of the last one."""
+        while self._rows > self._max_entries and len(self._partitions) > 1:
+            _, oldest = self._partitions.popitem(last=False)
+            if oldest.syncing is not None:
+                oldest.syncing.cancel()
+            if oldest.index is not None:
+                self._rows -= oldest.index.rows
+        if self._rows > self._max_entries and self._partitions:
+            index = next(iter(self._partitions.values())).index
+            if index is not None:
+                self._rows -= index.rows
+                index.compact(keep=self._max_entries)
+                self._rows += index.rows
+
+    async def _catch_up(self, partition: _Partition) -> None:
+        syncing = partition.syncing
+        if syncing is None or syncing.done():
+            syncing = partition.syncing = asyncio.get_running_loop().create_task(self._read_new(partition))
+        try:
+            await asyncio.shield(syncing)
+        except TierError as exc:
+            self.sync_errors += 1
+            self._log.warning(
+                "semantic", "cannot read new vectors from Redis, searching what is here: %s", exc
+            )
+        except asyncio.CancelledError:
+            if not syncing.cancelled():
+                raise  # this caller was cancelled; the partition's sync was (dropped) otherwise
+
+    async def _read_new(self, partition: _Partition) -> None:
+        assert self._redis is not None
+        started = time.monotonic()
+        while True:
+            records = await self._redis.read_vectors(partition.name, partition.last_id, _SYNC_BATCH)
+            if not records:
+                return
+            partition.last_id = records[-1][0]
+            keys: list[str] = []
+            rows: list[Vectors] = []
+            expires: list[float] = []
+            for _, fields in records:
+                parsed = _parse_record(fields)
+                if parsed is None:
+                    self.records_skipped += 1
+                    continue
+                keys.append(parsed[0])
+                rows.append(parsed[1])
+                expires.append(parsed[2])
+            if rows:
+                dims = {row.shape[0] for row in rows}
+                if len(dims) == 1:
+                    self._insert(partition, keys, np.stack(rows), np.array(expires, np.float64))
+                else:
+                    self.records_skipped += len(rows)
+            if len(records) < _SYNC_BATCH:
+                return
+            if time.monotonic() - started > 0.05:
+                await asyncio.sleep(0)  # a long first load must not hold the loop
+
+
+def _parse_record(fields: dict[bytes, bytes]) -> tuple[str, Vectors, float] | None:
+    """One stream record, or None if it is not one of ours."""
+    try:
+        key = fields[b"k"].decode("ascii")
+        code = fields[b"d"]
+        blob = fields[b"v"]
+        expires_at = float(fields[b"x"])
+    except (KeyError, UnicodeDecodeError, ValueError, TypeError):
+        return None
+    dtype = {b"f2": "<f2", b"f4": "<f4"}.get(code)
+    if dtype is None or not blob or len(blob) % np.dtype(dtype).itemsize or not key.isalnum():
+        return None
+    vector = np.frombuffer(blob, dtype=dtype).astype(np.float32)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or not 0.5 < norm < 1.5:
+        return None
+    with contextlib.suppress(FloatingPointError):
+        vector = vector / norm
+    return key, vector, expires_at
