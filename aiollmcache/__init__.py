@@ -5,6 +5,7 @@ one upstream call. See the README for guarantees and their limits.
 """
 
 from .client import CacheControl, CacheResult, LLMCache, Source
+from .embeddings import Embedder, OpenAIEmbedder
 from .entry import MISSING, Entry
 from .errors import (
     AiollmcacheError,
@@ -12,6 +13,7 @@ from .errors import (
     ConfigurationError,
     CoordinationError,
     CorruptEntryError,
+    EmbeddingError,
     InvalidRequestError,
     InvalidResponseError,
     RemoteUpstreamError,
@@ -22,12 +24,14 @@ from .errors import (
 )
 from .invalidation import Invalidation, InvalidationKind, Pattern
 from .request import EXCLUDED_PARAMS
+from .tiers.semantic import DEFAULT_THRESHOLD, SemanticConfig
 from .upstream import OpenAIUpstream, Upstream
 from .wrap import CachedOpenAI
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_THRESHOLD",
     "EXCLUDED_PARAMS",
     "MISSING",
     "AiollmcacheError",
@@ -38,15 +42,19 @@ __all__ = [
     "ConfigurationError",
     "CoordinationError",
     "CorruptEntryError",
+    "Embedder",
+    "EmbeddingError",
     "Entry",
     "InvalidRequestError",
     "InvalidResponseError",
     "Invalidation",
     "InvalidationKind",
     "LLMCache",
+    "OpenAIEmbedder",
     "OpenAIUpstream",
     "Pattern",
     "RemoteUpstreamError",
+    "SemanticConfig",
     "Source",
     "TierError",
     "TierTimeoutError",

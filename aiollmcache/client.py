@@ -26,12 +26,15 @@ from openai.types.chat import ChatCompletion
 
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
+from .embeddings import Embeddings, OpenAIEmbedder
 from .entry import MISSING, Entry
 from .errors import (
     CacheClosedError,
     ConfigurationError,
     CorruptEntryError,
+    EmbeddingError,
     InvalidRequestError,
+    TierError,
     TierUnavailableError,
     WaitTimeoutError,
 )
@@ -46,11 +49,12 @@ from .invalidation import (
     validate_tag,
 )
 from .policy import Decision, State, decide, early_refresh_at
-from .request import ChatRequest, build_chat_request, system_text
+from .request import ChatRequest, SemanticQuery, build_chat_request, semantic_query, system_text
 from .stats import Stats
 from .tiers.memory import MemoryTier
 from .tiers.pubsub import Subscriber
 from .tiers.redis import HotKeys, RedisTier, connect, validate_namespace
+from .tiers.semantic import SemanticConfig, SemanticTier
 from .upstream import OpenAIUpstream, Upstream, parse_response, upstream_scope
 
 if TYPE_CHECKING:
@@ -117,6 +121,8 @@ class CacheControl:
     - ``tags``: labels stored with the answer, for invalidation by tag.
     - ``no_cache``: do not look up; always ask the model (the answer is still stored).
     - ``no_store``: do not store this request's answer.
+    - ``semantic``: False keeps this request out of the semantic tier: it is
+      answered only by an exact match, and its answer is not indexed.
     """
 
     ttl: Seconds | None = None
@@ -125,6 +131,7 @@ class CacheControl:
     tags: Sequence[str] | None = ()
     no_cache: bool = False
     no_store: bool = False
+    semantic: bool = True
 
     def __post_init__(self) -> None:
         bad = InvalidRequestError
@@ -197,9 +204,10 @@ class CacheResult:
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
 
-# What a flight hands its callers: the entry, where it came from, and whether
-# it was computed by another process this one waited on.
-_Outcome = tuple[Entry, "Source", bool]
+# What a flight hands its callers: the entry, where it came from, whether
+# it was computed by another process this one waited on, and, for a semantic
+# match, its similarity.
+_Outcome = tuple[Entry, "Source", bool, float | None]
 
 
 class LLMCache:
@@ -277,7 +285,7 @@ class LLMCache:
         breaker_probe_interval: Seconds = 1.0,
         encryption_key: bytes | None = None,
         redis_batching: bool = True,
-        semantic: object | None = None,
+        semantic: SemanticConfig | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
             raise ConfigurationError("pass redis_url= or redis=, not both")
@@ -289,8 +297,13 @@ class LLMCache:
             raise ConfigurationError(f"upstream: expected an async callable, got {type(upstream).__name__}")
         if redis is not None and not isinstance(redis, aioredis.Redis):
             raise ConfigurationError(f"redis: expected a redis.asyncio.Redis, got {type(redis).__name__}")
-        if semantic is not None:
-            raise ConfigurationError("semantic: the semantic tier is not available in this version")
+        if semantic is not None and not isinstance(semantic, SemanticConfig):
+            raise ConfigurationError(f"semantic: expected a SemanticConfig, got {type(semantic).__name__}")
+        if semantic is not None and semantic.embedder is None and openai is None:
+            raise ConfigurationError(
+                "semantic: no embedder; pass openai= (its embeddings endpoint is used) "
+                "or SemanticConfig(embedder=...)"
+            )
         if model is not None and (not isinstance(model, str) or not model):
             raise ConfigurationError(f"model: expected a non-empty string, got {model!r}")
         self._namespace = validate_namespace(namespace)
@@ -370,6 +383,28 @@ class LLMCache:
         self._flights: Flights[_Outcome] = Flights()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats = Stats()
+        self._semantic_config = semantic
+        self._embeddings: Embeddings | None = None
+        self._semantic: SemanticTier | None = None
+        self._semantic_down_until = 0.0
+        if semantic is not None:
+            if semantic.embedder is not None:
+                embedder = semantic.embedder
+            else:
+                assert openai is not None
+                embedder = OpenAIEmbedder(openai, semantic.model, dimensions=semantic.dimensions)
+            self._embeddings = Embeddings(
+                embedder,
+                cache_size=semantic.cache_size,
+                timeout=semantic.timeout,
+                window=semantic.batch_window,
+            )
+            self._semantic = SemanticTier(
+                redis=self._redis,
+                dtype=semantic.dtype,
+                max_entries=semantic.max_entries,
+                thread_above=semantic.thread_above,
+            )
         self._log = RateLimitedLogger()
         self._state = _NEW
         self._open_lock: asyncio.Lock | None = None
@@ -490,6 +525,10 @@ class LLMCache:
                 await asyncio.wait(set(self._tasks), timeout=self._redis_timeout * 2 + 1)
                 for task in self._tasks:
                     task.cancel()
+        if self._embeddings is not None:
+            await self._embeddings.aclose()
+        if self._semantic is not None:
+            self._semantic.clear()
         self._memory.clear()
         if self._subscriber is not None:
             await self._subscriber.aclose()
@@ -655,6 +694,8 @@ class LLMCache:
             count = int(self._memory.delete(invalidation.key))
         elif kind is InvalidationKind.EVERYTHING or kind is InvalidationKind.RESYNC:
             count = self._memory.clear()
+            if kind is InvalidationKind.EVERYTHING and self._semantic is not None:
+                self._semantic.clear()
         else:
             count = self._memory.evict(invalidation.matches)
         self._stats.memory_invalidated += count
@@ -680,6 +721,14 @@ class LLMCache:
         if self._bus is not None:
             sync = self._bus.stats
             snapshot.update({f"invalidations_{name}": value for name, value in asdict(sync).items()})
+        if self._embeddings is not None and self._semantic is not None:
+            embeddings = self._embeddings
+            snapshot["semantic_entries"] = self._semantic.entries
+            snapshot["embedding_calls"] = embeddings.calls
+            snapshot["embedding_texts"] = embeddings.texts
+            snapshot["embedding_cache_hits"] = embeddings.cache_hits
+            snapshot["embedding_failures"] = embeddings.failures
+            snapshot["embedding_seconds"] = round(embeddings.seconds, 6)
         snapshot["memory_entries"] = len(self._memory)
         snapshot["memory_bytes"] = self._memory.nbytes
         snapshot["memory_evictions"] = self._memory.evictions
@@ -725,11 +774,13 @@ class LLMCache:
                     if self._state == _CLOSED:
                         raise CacheClosedError("this LLMCache was closed while the request was in flight")
                     continue
-                entry, source, _ = outcome
+                entry, source, _, similarity = outcome
                 now = time.time()
                 decision = self._decide(entry, now, control)
                 if decision.servable:
                     self._stats.coalesced += 1
+                    if source is Source.SEMANTIC:  # an answer to another question: not refreshed as ours
+                        return self._serve(entry, source, now, decision, None, True, similarity)
                     return self._serve(entry, source, now, decision, refresh, coalesced=True)
                 entry = await self._compute(request, control, upstream)
                 return self._computed(entry)
@@ -739,6 +790,11 @@ class LLMCache:
                 found = await self._redis_get(key, control, now)
                 if found is not None:
                     return self._serve(found[0], Source.REDIS, now, found[1], None)
+                match = await self._semantic_lookup(request, control)
+                if match is not None:
+                    now = time.time()
+                    decision = self._decide(match[0], now, control)
+                    return self._serve(match[0], Source.SEMANTIC, now, decision, None, False, match[1])
                 entry = await self._compute(request, control, upstream)
                 return self._computed(entry)
 
@@ -753,7 +809,7 @@ class LLMCache:
             found = await self._redis_get(key, control, now)
             if found is not None:
                 entry, decision = found
-                self._flights.settle(key, flight, (entry, Source.REDIS, False))
+                self._flights.settle(key, flight, (entry, Source.REDIS, False, None))
                 return self._serve(entry, Source.REDIS, now, decision, (request, upstream))
             task = self._spawn(self._fill(request, control, upstream))
             self._flights.follow_task(key, flight, task)
@@ -765,10 +821,13 @@ class LLMCache:
         if outcome is RETRY:
             # The shared task was cancelled (the cache is closing).
             raise CacheClosedError("this LLMCache was closed while the request was in flight")
-        entry, source, remote = outcome
+        entry, source, remote, similarity = outcome
         now = time.time()
         if source is Source.UPSTREAM:  # computed here, for this caller
             return self._computed(entry)
+        if source is Source.SEMANTIC:
+            decision = self._decide(entry, now, control)
+            return self._serve(entry, source, now, decision, None, False, similarity)
         if remote:
             self._stats.coalesced_remote += 1
         # Found in Redis, or computed by another process: served as any hit.
@@ -823,6 +882,9 @@ class LLMCache:
         """The shared task of a miss: one upstream call per key across processes
         when Redis is there, else in this process."""
         epoch = self._epoch
+        match = await self._semantic_lookup(request, control)
+        if match is not None:
+            return match[0], Source.SEMANTIC, False, match[1]
         coordinator = self._coordinator
         if coordinator is None or self._redis is None or self._redis.version is None:
             refreshing = self._refreshing.get(request.key)
@@ -832,8 +894,8 @@ class LLMCache:
                 await asyncio.shield(refreshing)
                 found = self._memory.get(request.key)
                 if found is not MISSING and self._decide(found, time.time(), control).servable:
-                    return found, Source.UPSTREAM, False
-            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+                    return found, Source.UPSTREAM, False, None
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False, None
 
         async def compute() -> Entry:
             return await self._call_upstream(request, control, upstream)
@@ -849,15 +911,16 @@ class LLMCache:
             # Raised only before this process called upstream: go on without Redis.
             self._stats.redis_errors += 1
             self._log.warning("redis", "Redis unavailable, calling upstream without a lease: %s", exc)
-            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False, None
         except WaitTimeoutError:
             if self._lease_settings.on_wait_timeout == "raise":
                 raise
-            return await self._compute(request, control, upstream), Source.UPSTREAM, False
+            return await self._compute(request, control, upstream), Source.UPSTREAM, False, None
         self._remember(entry, time.time(), epoch)
         if origin == "computed":
-            return entry, Source.UPSTREAM, False
-        return entry, Source.REDIS, origin == "waited"
+            self._index_later(request, control, entry)
+            return entry, Source.UPSTREAM, False, None
+        return entry, Source.REDIS, origin == "waited", None
 
     async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         """Call upstream and store the answer (unless ``no_store``), without a lease."""
@@ -865,6 +928,7 @@ class LLMCache:
         entry = await self._call_upstream(request, control, upstream)
         if not control.no_store:
             await self._store(entry, entry.created_at, epoch)
+            self._index_later(request, control, entry)
         return entry
 
     async def _call_upstream(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
@@ -922,6 +986,112 @@ class LLMCache:
         else:
             self._stats.store_skipped += 1
 
+    # -- the semantic tier ---------------------------------------------------------
+
+    def _semantic_query(self, request: ChatRequest, control: CacheControl) -> SemanticQuery | None:
+        config, embeddings = self._semantic_config, self._embeddings
+        if config is None or embeddings is None or not control.semantic:
+            return None
+        query = semantic_query(
+            request,
+            embedder=embeddings.embedder.name,
+            upstream_scope=self._upstream_scope,
+            min_chars=config.min_chars,
+            max_chars=config.max_chars,
+        )
+        return query if isinstance(query, SemanticQuery) else None
+
+    async def _semantic_lookup(
+        self, request: ChatRequest, control: CacheControl
+    ) -> tuple[Entry, float] | None:
+        """A fresh answer to a question of the same meaning, in the same
+        context, with its similarity; None if there is none (or the tier is
+        off, the request not eligible, or the embedder failing)."""
+        semantic, embeddings, config = self._semantic, self._embeddings, self._semantic_config
+        if semantic is None or embeddings is None or config is None:
+            return None
+        query = self._semantic_query(request, control)
+        if query is None:
+            self._stats.semantic_skipped += 1
+            return None
+        if time.monotonic() < self._semantic_down_until:
+            self._stats.semantic_skipped += 1
+            return None
+        self._stats.semantic_lookups += 1
+        try:
+            vector = await embeddings.embed(query.text)
+        except EmbeddingError as exc:
+            self._stats.semantic_errors += 1
+            self._semantic_down_until = time.monotonic() + config.failure_backoff
+            self._log.warning("embedding", "semantic tier skipped, the embedder failed: %s", exc)
+            return None
+        epoch = self._epoch
+        now = time.time()
+        candidates = await semantic.search(query.partition, vector, now)
+        self._stats.record_similarity(candidates[0].similarity if candidates else None)
+        for candidate in candidates:
+            if candidate.similarity < config.threshold:
+                break
+            entry = await self._semantic_entry(candidate.key, query.partition, control, now, epoch)
+            if entry is not None:
+                self._stats.hits_semantic += 1
+                return entry, candidate.similarity
+        self._stats.semantic_misses += 1
+        return None
+
+    async def _semantic_entry(
+        self, key: str, partition: str, control: CacheControl, now: float, epoch: int
+    ) -> Entry | None:
+        """The entry a semantic candidate points at, if it may be served fresh.
+
+        An entry that is gone (invalidated, expired) is forgotten by the index;
+        a stale one is not served: its refresh would need its own question.
+        """
+        assert self._semantic is not None
+        entry = self._memory.get(key)
+        if entry is MISSING and self._redis is not None and self._redis.version is not None:
+            try:
+                entry = await self._redis.get(key)
+            except CorruptEntryError as exc:
+                self._stats.corrupt_entries += 1
+                self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
+                entry = MISSING
+            except TierUnavailableError as exc:
+                self._stats.redis_errors += 1
+                self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+                return None
+            if entry is not MISSING:
+                self._remember(entry, now, epoch)
+        if entry is MISSING:
+            self._stats.semantic_rejected += 1
+            self._semantic.forget(partition, key)
+            return None
+        decision = self._decide(entry, now, control)
+        if not decision.servable or decision.state is State.STALE:
+            self._stats.semantic_rejected += 1
+            return None
+        return entry
+
+    def _index_later(self, request: ChatRequest, control: CacheControl, entry: Entry) -> None:
+        """Index a stored answer for semantic lookups, in the background."""
+        query = self._semantic_query(request, control)
+        if query is None or self._state != _OPEN:
+            return
+        self._spawn(self._index(query, entry))
+
+    async def _index(self, query: SemanticQuery, entry: Entry) -> None:
+        assert self._semantic is not None and self._embeddings is not None
+        try:
+            vector = self._embeddings.cached(query.text)
+            if vector is None:
+                vector = await self._embeddings.embed(query.text)
+            await self._semantic.add(query.partition, entry.key, vector, entry.expires_at)
+        except (EmbeddingError, TierError) as exc:
+            self._stats.semantic_errors += 1
+            self._log.warning("semantic-index", "answer not indexed for semantic lookups: %s", exc)
+        else:
+            self._stats.semantic_indexed += 1
+
     # -- helpers --------------------------------------------------------------
 
     def _remember(self, entry: Entry, now: float, epoch: int) -> None:
@@ -963,8 +1133,8 @@ class LLMCache:
         now: float,
         decision: Decision,
         refresh: tuple[ChatRequest, Upstream] | None,
-        *,
         coalesced: bool = False,
+        similarity: float | None = None,
     ) -> CacheResult:
         """A cached answer for a caller, scheduling the refresh it calls for."""
         stale = decision.state is State.STALE
@@ -974,7 +1144,7 @@ class LLMCache:
             self._schedule_refresh(entry, *refresh)
         self._stats.tokens_saved_prompt += entry.prompt_tokens
         self._stats.tokens_saved_completion += entry.completion_tokens
-        return CacheResult(entry, source, entry.age(now), coalesced, stale)
+        return CacheResult(entry, source, entry.age(now), coalesced, stale, similarity)
 
     def _schedule_refresh(self, entry: Entry, request: ChatRequest, upstream: Upstream) -> None:
         """Start a background refresh of ``entry``: one per key in this process,
@@ -1014,13 +1184,15 @@ class LLMCache:
 
             epoch = self._epoch
             try:
-                entry, _ = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
+                entry, origin = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
             except TierUnavailableError:
                 # Raised only before the model was asked: refresh without Redis.
                 self._stats.redis_errors += 1
                 await self._compute(request, control, upstream)
                 return
             self._remember(entry, time.time(), epoch)
+            if origin == "computed":
+                self._index_later(request, control, entry)
         except Exception as exc:
             # The stale answer goes on being served until it expires.
             self._stats.refresh_errors += 1

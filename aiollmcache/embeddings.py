@@ -130,18 +130,22 @@ class Embeddings:
 
     - A text embedded before (and still among the last ``cache_size``) costs
       nothing; a text being embedded is awaited, not asked for again.
-    - Texts asked for in the same event-loop tick go out as one request (at
-      most 256 texts each).
+    - Texts asked for less than ``window`` seconds apart go out as one
+      request (at most 256 texts each; a batch waits ten windows at most):
+      next to a request's own time (tens of milliseconds and more), the
+      window costs little, and the misses of a burst of calls, which reach
+      the embedder a Redis round trip or two apart, share one request.
     - Each request is bounded by ``timeout`` seconds; a failure, a timeout or
       a malformed answer raises :class:`EmbeddingError` in every caller that
       waited on it, and nothing is cached.
     """
 
-    def __init__(self, embedder: Embedder, *, cache_size: int, timeout: float) -> None:
+    def __init__(self, embedder: Embedder, *, cache_size: int, timeout: float, window: float = 0.0) -> None:
         self.embedder = embedder
         self._cache: OrderedDict[str, Vectors] = OrderedDict()
         self._cache_size = cache_size
         self._timeout = timeout
+        self._window = window
         self._pending: dict[str, asyncio.Future[Vectors]] = {}
         self._batch: list[str] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -177,7 +181,12 @@ class Embeddings:
         return await asyncio.shield(waiting)
 
     async def _send(self) -> None:
-        await asyncio.sleep(0)  # let the rest of this tick's texts join
+        started = time.monotonic()
+        while True:  # until no text joined for a window, or ten windows passed
+            joined = len(self._batch or ())
+            await asyncio.sleep(self._window)
+            if len(self._batch or ()) == joined or time.monotonic() - started >= 10 * self._window:
+                break
         batch, self._batch = self._batch or [], None
         for start in range(0, len(batch), _MAX_BATCH):
             await self._send_batch(batch[start : start + _MAX_BATCH])

@@ -6,10 +6,14 @@ locks, no allocation on the hot path.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
 
-__all__ = ["Stats"]
+__all__ = ["SIMILARITY_BUCKETS", "Stats"]
+
+# Lower bounds of the buckets of the best similarity found by each semantic
+# lookup (hit or miss): where the threshold should go shows here.
+SIMILARITY_BUCKETS: Final = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99)
 
 
 @dataclass(slots=True)
@@ -34,9 +38,35 @@ class Stats:
     tokens_saved_completion: int = 0
     invalidations: int = 0
     memory_invalidated: int = 0
+    hits_semantic: int = 0
+    semantic_lookups: int = 0
+    semantic_misses: int = 0
+    semantic_skipped: int = 0
+    semantic_rejected: int = 0
+    semantic_errors: int = 0
+    semantic_indexed: int = 0
+    # per SIMILARITY_BUCKETS, then lookups that found no candidate at all
+    similarity_counts: list[int] = field(default_factory=lambda: [0] * (len(SIMILARITY_BUCKETS) + 1))
+
+    def record_similarity(self, similarity: float | None) -> None:
+        if similarity is None:
+            self.similarity_counts[-1] += 1
+            return
+        bucket = 0
+        for i, low in enumerate(SIMILARITY_BUCKETS):
+            if similarity >= low:
+                bucket = i
+        self.similarity_counts[bucket] += 1
 
     def snapshot(self) -> dict[str, Any]:
         data = asdict(self)
-        served_without_upstream = self.hits_memory + self.hits_redis + self.coalesced + self.coalesced_remote
+        counts = data.pop("similarity_counts")
+        data["semantic_similarity"] = {
+            **{f">={low:g}": n for low, n in zip(SIMILARITY_BUCKETS, counts, strict=False)},
+            "none": counts[-1],
+        }
+        served_without_upstream = (
+            self.hits_memory + self.hits_redis + self.hits_semantic + self.coalesced + self.coalesced_remote
+        )
         data["hit_rate"] = served_without_upstream / self.requests if self.requests else 0.0
         return data

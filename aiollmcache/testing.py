@@ -120,6 +120,12 @@ def _tokens(text: str) -> int:
     return max(1, len(text.split()))
 
 
+_FUNCTION_WORDS = frozenset(
+    """a an the is are was were be of to in on at for and or what what's whats which who how
+    me tell please can could would you i my do does""".split()  # noqa: SIM905
+)
+
+
 @dataclass
 class _Failure:
     status: int | None  # None: hang
@@ -136,8 +142,14 @@ class FakeOpenAI:
       ``"Answer to: <last user message>"``), padded with spaces up to
       ``answer_chars`` when that is set.
     - ``chunk_latency``: seconds between streamed chunks.
-    - ``dimensions``: size of the embedding vectors (deterministic, from a
-      bag of words: texts sharing words are similar).
+    - ``dimensions``: size of the embedding vectors. They are deterministic:
+      a bag of the text's content words (lowercased, punctuation and common
+      function words such as "what", "is", "the", "of", "me" dropped), so
+      "What is the capital of France?" and "Tell me the capital of France"
+      embed identically, and texts sharing more content words are more
+      similar.
+    - ``embeddings_status``: set to an HTTP error status (e.g. 503) to make
+      every embeddings request fail with it; ``None`` (the default) answers.
     """
 
     def __init__(
@@ -155,6 +167,7 @@ class FakeOpenAI:
         self.chunk_latency = chunk_latency
         self.answer_chars = answer_chars
         self.dimensions = dimensions
+        self.embeddings_status: int | None = None
         self._reply = reply or _default_reply
         self._host = host
         self._port = port
@@ -444,7 +457,7 @@ class FakeOpenAI:
         vector = np.zeros(self.dimensions, dtype=np.float32)
         for word in text.lower().split():
             word = word.strip(".,;:!?'\"()")
-            if not word:
+            if not word or word in _FUNCTION_WORDS:
                 continue
             digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
             index = int.from_bytes(digest[:4], "little") % self.dimensions
@@ -470,6 +483,9 @@ class FakeOpenAI:
             return self._error(400, f"unknown encoding_format {encoding!r}")
         with self._lock:
             self._embedding_calls += 1
+        status = self.embeddings_status
+        if status is not None:
+            return self._error(status, "embeddings unavailable (injected)", "server_error")
         if self.latency > 0:
             await asyncio.sleep(self.latency)
         data = []

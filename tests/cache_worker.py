@@ -1,12 +1,12 @@
 """A long-lived worker process for cross-process tests, driven over stdin.
 
-    python -m tests.cache_worker REDIS_URL BASE_URL NAMESPACE [--sync-interval S]
+    python -m tests.cache_worker REDIS_URL BASE_URL NAMESPACE [--sync-interval S] [--semantic THRESHOLD]
 
 It prints "ready" once its cache is open, then answers each JSON line on stdin
 with one JSON line on stdout:
 
     {"op": "call", "prompt": P, "system": S, "tags": [...], "model": M}
-        -> {"source", "key", "text"}
+        -> {"source", "key", "text", "similarity"}
     {"op": "wait", "count": N, "timeout": S}
         -> {"invalidations": [kind, ...]} once N invalidations were applied
            here (made anywhere), or {"error": "timeout", ...}
@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from openai import AsyncOpenAI
 
-from aiollmcache import CacheControl, Invalidation, LLMCache
+from aiollmcache import CacheControl, Invalidation, LLMCache, SemanticConfig
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -43,6 +43,7 @@ async def main(args: argparse.Namespace) -> None:
         model="test-model",
         namespace=args.namespace,
         sync_interval=args.sync_interval,
+        semantic=SemanticConfig(threshold=args.semantic) if args.semantic is not None else None,
     ) as cache:
         cache.add_invalidation_listener(listener)
         print("ready", flush=True)
@@ -58,7 +59,12 @@ async def main(args: argparse.Namespace) -> None:
                     model=command.get("model", "test-model"),
                     cache=CacheControl(tags=command.get("tags", [])),
                 )
-                reply = {"source": str(result.source), "key": result.key, "text": result.text}
+                reply = {
+                    "source": str(result.source),
+                    "key": result.key,
+                    "text": result.text,
+                    "similarity": result.similarity,
+                }
             elif command["op"] == "wait":
                 started = time.monotonic()
                 try:
@@ -87,4 +93,5 @@ if __name__ == "__main__":
     parser.add_argument("base_url")
     parser.add_argument("namespace")
     parser.add_argument("--sync-interval", type=float, default=1.0)
+    parser.add_argument("--semantic", type=float, default=None, metavar="THRESHOLD")
     asyncio.run(main(parser.parse_args()))

@@ -4,6 +4,7 @@ import aiollmcache
 def test_public_api_is_pinned() -> None:
     assert sorted(aiollmcache.__all__) == sorted(
         [
+            "DEFAULT_THRESHOLD",
             "EXCLUDED_PARAMS",
             "MISSING",
             "AiollmcacheError",
@@ -14,15 +15,19 @@ def test_public_api_is_pinned() -> None:
             "ConfigurationError",
             "CoordinationError",
             "CorruptEntryError",
+            "Embedder",
+            "EmbeddingError",
             "Entry",
             "InvalidRequestError",
             "InvalidResponseError",
             "Invalidation",
             "InvalidationKind",
             "LLMCache",
+            "OpenAIEmbedder",
             "OpenAIUpstream",
             "Pattern",
             "RemoteUpstreamError",
+            "SemanticConfig",
             "Source",
             "TierError",
             "TierTimeoutError",

@@ -483,6 +483,12 @@ _READ_ALONE: Final = object()  # a batch's leader gave up: read on your own
 _BATCH_MAX: Final = 256
 
 
+def _hand(members: list[tuple[tuple[str, ...], asyncio.Future[Any]]], outcome: object) -> None:
+    for _, waiter in members:
+        if not waiter.done():
+            waiter.set_result(outcome)
+
+
 class _Batches:
     """The open batch of one kind of read, and how a batch is sent."""
 
@@ -696,17 +702,17 @@ class RedisTier:
         and waits for nothing. The first caller of a tick leads: it yields
         once to the loop, so that callers ready in the same tick can join (up
         to ``_BATCH_MAX``), then sends all their keys as one command and hands
-        each its own reply. The batched commands answer nil both for a missing
-        entry and for a key holding another type, so a caller that got nil
-        asks again with ``alone()``: a miss costs a second round trip (next to
-        a model call, nothing), and a foreign value fails its own read exactly
-        as without batching. A leader cancelled before the replies came tells
-        the others to read alone; a follower cancelled (its budget ran out)
-        just stops waiting. An error of the batched command (the connection, a
-        timeout) is every member's error.
+        each its own reply, hits at once. The batched commands answer nil both
+        for a missing entry and for a key holding another type, so the leader
+        reads the nils again, one pipeline for all of them: a miss costs a
+        second round trip (next to a model call, nothing), and a foreign value
+        fails its own read exactly as without batching. A leader cancelled
+        before the replies came tells the others to read alone; a follower
+        cancelled (its budget ran out) just stops waiting. An error of the
+        batched command (the connection, a timeout) is every member's error.
         """
         reply = await self._join(batches, keys)
-        if reply is None or reply is _READ_ALONE:
+        if reply is _READ_ALONE:
             reply = await alone()
         return reply
 
@@ -734,15 +740,43 @@ class RedisTier:
             if len(replies) != len(batch) + 1:
                 raise ResponseError(f"a batch of {len(batch) + 1} reads got {len(replies)} replies")
         except BaseException as exc:
-            handed: object = _READ_ALONE if not isinstance(exc, Exception) else exc
-            for _, waiter in batch:
-                if not waiter.done():
-                    waiter.set_result(handed)
+            _hand(batch, _READ_ALONE if not isinstance(exc, Exception) else exc)
             raise
-        for (_, waiter), reply in zip(batch, replies[1:], strict=True):
+        # Hits first; then the nils, read again in one pipeline, which tells
+        # a missing entry (nil) from a key holding another type (its error).
+        absent: list[tuple[tuple[str, ...], asyncio.Future[Any]]] = []
+        for (other, waiter), reply in zip(batch, replies[1:], strict=True):
+            if reply is None:
+                absent.append((other, waiter))
+            elif not waiter.done():
+                waiter.set_result(reply)
+        if replies[0] is not None and not absent:
+            return replies[0]
+        reads = ([keys] if replies[0] is None else []) + [other for other, _ in absent]
+        try:
+            again = await self._read_again(batches, reads)
+        except BaseException as exc:
+            _hand(absent, _READ_ALONE if not isinstance(exc, Exception) else exc)
+            raise
+        mine = again.pop(0) if replies[0] is None else replies[0]
+        for (_, waiter), reply in zip(absent, again, strict=True):
             if not waiter.done():
                 waiter.set_result(reply)
-        return replies[0]
+        if isinstance(mine, Exception):
+            raise mine
+        return mine
+
+    async def _read_again(self, batches: _Batches, reads: list[tuple[str, ...]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys in reads:
+                if batches is self._gets:
+                    pipe.get(keys[0])
+                else:
+                    await self._get_hot(keys=keys, args=self._hot_args(), client=pipe)  # queued
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        if len(replies) != len(reads):
+            raise ResponseError(f"{len(reads)} reads got {len(replies)} replies")
+        return replies
 
     def _mget(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
         return self._client.mget([rkey for (rkey,) in reads])

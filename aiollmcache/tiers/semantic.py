@@ -62,6 +62,8 @@ class SemanticConfig:
       partitions are dropped first) and per partition in Redis.
     - ``dtype``: ``"float16"`` (half the memory, the default) or ``"float32"``.
     - ``timeout``: bound of one embeddings request, seconds.
+    - ``batch_window``: texts to embed within this many seconds of each other
+      share one embeddings request.
     - ``cache_size``: texts whose embeddings are kept in this process.
     - ``thread_above``: partitions of at least this many rows are searched in
       a worker thread, off the event loop.
@@ -78,6 +80,7 @@ class SemanticConfig:
     max_entries: int = 100_000
     dtype: str = "float16"
     timeout: float = 5.0
+    batch_window: float = 0.005
     cache_size: int = 10_000
     thread_above: int = 20_000
     failure_backoff: float = 5.0
@@ -99,6 +102,7 @@ class SemanticConfig:
 
         number("threshold", 0.0, 1.0)
         number("timeout", 0.001)
+        number("batch_window", 0.0, 1.0)
         number("failure_backoff", 0.0)
         for name, low in (
             ("min_chars", 0),
