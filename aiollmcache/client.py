@@ -491,6 +491,8 @@ class LLMCache:
                     apply=self._apply,
                 )
                 await self._bus.start()
+            if self._semantic is not None:
+                await self._semantic.start()
             if self._state == _NEW:  # not closed meanwhile
                 self._state = _OPEN
 

@@ -136,7 +136,7 @@ Vectors = npt.NDArray[np.float32]
 
 # Sketch distances are computed this many rows at a time (the temporaries
 # stay in cache).
-_CHUNK: Final = 65_536
+_CHUNK: Final = 16_384
 _SYNC_BATCH: Final = 1000
 
 
@@ -266,13 +266,7 @@ class VectorIndex:
             rows = np.arange(size)
             similarities = vectors[:size].astype(np.float32) @ query
         else:
-            wanted = _sketch(query, self._words)
-            distances = np.empty(size, np.uint16)
-            for start in range(0, size, _CHUNK):
-                end = min(size, start + _CHUNK)
-                np.sum(np.bitwise_count(sketches[start:end] ^ wanted), axis=1, out=distances[start:end])
-            k = min(candidates, size)
-            rows = np.argpartition(distances, k - 1)[:k] if k < size else np.arange(size)
+            rows = _nearest_sketches(sketches[:size], _sketch(query, self._words), candidates)
             similarities = vectors[rows].astype(np.float32) @ query
         similarities = np.where(expires[rows] > now, similarities, -np.inf)
         order = np.argsort(-similarities)[:limit]
@@ -294,6 +288,39 @@ class VectorIndex:
         self._rows = {key: row for row, key in enumerate(self._keys)}
         self._size = len(live)
         self.removed = 0
+
+
+def _nearest_sketches(
+    sketches: npt.NDArray[np.uint64], wanted: npt.NDArray[np.uint64], k: int
+) -> npt.NDArray[Any]:
+    """Rows of about the ``k`` sketches nearest to ``wanted`` (Hamming distance).
+
+    Distances are small integers, so instead of a partial sort (slow on
+    millions of rows) the cut-off distance is read off their histogram, and
+    the rows within it taken in one pass. Work goes in chunks, so that each
+    numpy call is short: another thread (the event loop) never waits long
+    for the interpreter lock.
+    """
+    size = len(sketches)
+    if size <= k:
+        return np.arange(size)
+    bits = sketches.shape[1] * 64
+    distances = np.empty(size, np.uint16)
+    counts = np.zeros(bits + 1, np.int64)
+    for start in range(0, size, _CHUNK):
+        end = min(size, start + _CHUNK)
+        chunk = distances[start:end]
+        np.sum(np.bitwise_count(sketches[start:end] ^ wanted), axis=1, out=chunk)
+        counts += np.bincount(chunk, minlength=bits + 1)
+    cutoff = int(np.searchsorted(np.cumsum(counts), k))
+    parts = []
+    for start in range(0, size, _CHUNK):
+        chunk = distances[start : start + _CHUNK]
+        parts.append(np.flatnonzero(chunk <= cutoff) + start)
+    rows = np.concatenate(parts)
+    if len(rows) > 2 * k:  # many ties at the cut-off: keep the nearest k
+        rows = rows[np.argpartition(distances[rows], k - 1)[:k]]
+    return rows
 
 
 def _dict_bytes(n: int) -> int:
@@ -337,6 +364,11 @@ class SemanticTier:
         self._log = RateLimitedLogger()
         self.sync_errors = 0
         self.records_skipped = 0
+
+    async def start(self) -> None:
+        """Start the worker thread that large searches run in: the first use
+        of one costs the event loop milliseconds, better paid at open()."""
+        await anyio.to_thread.run_sync(int)
 
     @property
     def entries(self) -> int:
