@@ -1034,6 +1034,9 @@ class LLMCache:
         for candidate in candidates:
             if candidate.similarity < config.threshold:
                 break
+            if candidate.numbers != query.numbers:  # "top 3" is not "top 10", however alike
+                self._stats.semantic_rejected += 1
+                continue
             entry = await self._semantic_entry(candidate.key, query.partition, control, now, epoch)
             if entry is not None:
                 self._stats.hits_semantic += 1
@@ -1087,7 +1090,7 @@ class LLMCache:
             vector = self._embeddings.cached(query.text)
             if vector is None:
                 vector = await self._embeddings.embed(query.text)
-            await self._semantic.add(query.partition, entry.key, vector, entry.expires_at)
+            await self._semantic.add(query.partition, entry.key, vector, entry.expires_at, query.numbers)
         except (EmbeddingError, TierError) as exc:
             self._stats.semantic_errors += 1
             self._log.warning("semantic-index", "answer not indexed for semantic lookups: %s", exc)

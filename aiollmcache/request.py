@@ -13,6 +13,7 @@ unknown parameter is assumed to change the answer.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -246,6 +247,7 @@ class SemanticQuery:
 
     partition: str
     text: str
+    numbers: str
 
 
 def semantic_query(
@@ -304,4 +306,51 @@ def semantic_query(
         if canon is not None:
             keyed[name] = canon
     canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
-    return SemanticQuery(blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest(), text)
+    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest()
+    return SemanticQuery(digest, text, number_signature(text))
+
+
+_NUMBER_WORDS = {
+    word: str(value)
+    for value, word in enumerate(
+        (
+            "zero",
+            "_",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+            "twenty",
+        )
+    )
+} | {"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100", "thousand": "1000", "million": "1e6"}
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+")
+
+
+def number_signature(text: str) -> str:
+    """The numbers a question mentions (digits, or number words from two to
+    twenty and a few round ones; not "one", mostly a pronoun), sorted: "three tips" and "3 tips" agree, "three
+    tips" and "ten tips" do not. Two questions whose signatures differ are
+    never matched semantically, however alike their embeddings (embeddings
+    see "top 3" and "top 10" as nearly the same question)."""
+    found = []
+    for token in _NUMBER.findall(text.lower()):
+        if token[0].isdigit():
+            found.append(token.replace(",", ""))
+        elif token in _NUMBER_WORDS:
+            found.append(_NUMBER_WORDS[token])
+    return ",".join(sorted(found))

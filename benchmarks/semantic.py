@@ -118,7 +118,7 @@ async def stall(tier: SemanticTier | None, qs: np.ndarray[Any, Any]) -> list[flo
 
 def run_one(size: int, dims: int, count: int, rng: np.random.Generator) -> dict[str, Any]:
     index, matrix = build(size, dims, rng)
-    qs, sources = queries(matrix, count, rng)
+    qs, _ = queries(matrix, count, rng)
     gc.collect()
 
     def brute(q: np.ndarray[Any, Any]) -> int:
@@ -141,7 +141,6 @@ def run_one(size: int, dims: int, count: int, rng: np.random.Generator) -> dict[
         tier._partition("p").index = index  # the same rows, searched through the tier
         stalls[label] = asyncio.run(stall(tier, qs[:100]))
     idle = asyncio.run(stall(None, qs[:100]))
-    del matrix
     return {
         "size": size,
         "dims": dims,
@@ -191,9 +190,8 @@ def main() -> None:
         )
         for r in results
     ]
-    print(
-        f"{args.queries} paraphrase-like queries per row (cosine >= {min(r['query_similarity_min'] for r in results):.2f} to their source)\n"
-    )
+    closest = min(r["query_similarity_min"] for r in results)
+    print(f"{args.queries} paraphrase-like queries per row (cosine >= {closest:.2f} to their source)\n")
     header = (
         "vectors",
         "dims",

@@ -166,6 +166,20 @@ async def test_requests_that_must_match_exactly_skip_the_tier(
     assert fake.embedding_calls == embedded  # neither looked up nor indexed
 
 
+async def test_questions_about_other_numbers_never_match(
+    semantic_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    # A low threshold, so that only the number guard stands between them.
+    cache = semantic_cache(semantic=SemanticConfig(threshold=0.5))
+    first = await cache.complete(user("Give me three tips for better sleep"))
+    await until(_indexed(cache, 1))
+    same = await cache.complete(user("Share 3 tips for better sleep"))
+    assert same.source == "semantic" and same.key == first.key  # "three" is "3"
+    other = await cache.complete(user("Give me ten tips for better sleep"))
+    assert other.source == "upstream"
+    assert cache.stats()["semantic_rejected"] >= 1
+
+
 async def test_an_answer_written_by_another_process_is_found(
     redis_server: RedisServer,
     fake: FakeOpenAI,

@@ -55,3 +55,13 @@ def test_the_index_updates_a_key_in_place_and_bounds_rows() -> None:
         "y8",
         "y9",
     }
+
+
+def test_number_signatures() -> None:
+    from aiollmcache.request import number_signature
+
+    assert number_signature("Give me three tips") == number_signature("Share 3 tips") == "3"
+    assert number_signature("top 10 of 2,000 items") == "10,2000"
+    assert number_signature("Which one is better?") == ""  # "one" is mostly a pronoun
+    assert number_signature("What is 1.5 plus two?") == "1.5,2"
+    assert number_signature("no numbers here") == ""

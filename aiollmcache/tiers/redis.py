@@ -145,11 +145,12 @@ return found
 )
 
 # Append a vector record (ARGV[1..4]: entry key, vector bytes, dtype, expiry
-# as unix seconds) to a partition's stream KEYS[1], trimmed to about ARGV[5]
-# records; the stream lives as long as its longest-lived record (ARGV[6] ms).
+# as unix seconds; ARGV[7]: the question's number signature) to a partition's
+# stream KEYS[1], trimmed to about ARGV[5] records; the stream lives as long
+# as its longest-lived record (ARGV[6] ms).
 _ADD_VECTOR = """
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
-  'k', ARGV[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[4])
+  'k', ARGV[1], 'v', ARGV[2], 'd', ARGV[3], 'x', ARGV[4], 'n', ARGV[7])
 local ttl = tonumber(ARGV[6])
 if redis.call('PTTL', KEYS[1]) < ttl then
   redis.call('PEXPIRE', KEYS[1], ttl)
@@ -845,12 +846,19 @@ class RedisTier:
         return self._key("v", partition)
 
     async def add_vector(
-        self, partition: str, key: str, blob: bytes, dtype: str, expires_at: float, max_records: int
+        self,
+        partition: str,
+        key: str,
+        blob: bytes,
+        dtype: str,
+        expires_at: float,
+        numbers: str,
+        max_records: int,
     ) -> None:
         ttl_ms = math.ceil((expires_at - self._clock()) * 1000)
         if ttl_ms <= 0:
             return
-        args: list[str | int | bytes] = [key, blob, dtype, repr(expires_at), max_records, ttl_ms]
+        args: list[str | int | bytes] = [key, blob, dtype, repr(expires_at), max_records, ttl_ms, numbers]
         await self._call("ADD VECTOR", self._add_vector(keys=[self.vector_key(partition)], args=args))
 
     async def read_vectors(

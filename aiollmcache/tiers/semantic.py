@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from .redis import RedisTier
 
 __all__ = ["DEFAULT_THRESHOLD", "Candidate", "SemanticConfig", "SemanticTier", "VectorIndex"]
 
-DEFAULT_THRESHOLD: Final = 0.9
+DEFAULT_THRESHOLD: Final = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +145,7 @@ _SYNC_BATCH: Final = 1000
 class Candidate:
     key: str
     similarity: float
+    numbers: str  # the number signature of the question the row was stored for
 
 
 def _sketch(vectors: npt.NDArray[Any], words: int) -> npt.NDArray[np.uint64]:
@@ -172,6 +174,7 @@ class VectorIndex:
         self._sketches = np.zeros((0, self._words), np.uint64)
         self._expires = np.zeros(0, np.float64)
         self._keys: list[str] = []
+        self._numbers: list[str] = []
         self._rows: dict[str, int] = {}
         self._size = 0
         self.removed = 0  # rows removed or replaced, still in the arrays
@@ -192,7 +195,7 @@ class VectorIndex:
             + self._sketches.nbytes
             + self._expires.nbytes
             + keys
-            + 8 * len(self._keys)  # the list's pointers
+            + 16 * len(self._keys)  # the lists' pointers (keys, number signatures)
             + _dict_bytes(len(self._rows))
         )
 
@@ -210,10 +213,16 @@ class VectorIndex:
         expires[: self._size] = self._expires[: self._size]
         self._vectors, self._sketches, self._expires = vectors, sketches, expires
 
-    def add(self, key: str, vector: Vectors, expires_at: float) -> None:
-        self.add_many([key], vector.reshape(1, -1), np.array([expires_at], np.float64))
+    def add(self, key: str, vector: Vectors, expires_at: float, numbers: str = "") -> None:
+        self.add_many([key], vector.reshape(1, -1), np.array([expires_at], np.float64), [numbers])
 
-    def add_many(self, keys: Sequence[str], vectors: Vectors, expires: npt.NDArray[np.float64]) -> None:
+    def add_many(
+        self,
+        keys: Sequence[str],
+        vectors: Vectors,
+        expires: npt.NDArray[np.float64],
+        numbers: Sequence[str] | None = None,
+    ) -> None:
         """Add unit vectors; a key already here is updated (its expiry moved,
         its vector replaced by a new row if it changed)."""
         if vectors.shape != (len(keys), self.dimensions):
@@ -243,6 +252,7 @@ class VectorIndex:
                 self._expires[self._rows[key]] = 0.0
                 self.removed += 1
             self._keys.append(key)
+            self._numbers.append(sys.intern(numbers[i]) if numbers else "")
             self._rows[key] = start + offset
         self._size = end
 
@@ -262,6 +272,7 @@ class VectorIndex:
         if size == 0:
             return []
         vectors, sketches, expires, keys = self._vectors, self._sketches, self._expires, self._keys
+        numbers = self._numbers
         if size <= exact_below:
             rows = np.arange(size)
             similarities = vectors[:size].astype(np.float32) @ query
@@ -271,7 +282,9 @@ class VectorIndex:
         similarities = np.where(expires[rows] > now, similarities, -np.inf)
         order = np.argsort(-similarities)[:limit]
         return [
-            Candidate(keys[int(rows[i])], float(similarities[i])) for i in order if similarities[i] > -np.inf
+            Candidate(keys[int(rows[i])], float(similarities[i]), numbers[int(rows[i])])
+            for i in order
+            if similarities[i] > -np.inf
         ]
 
     def compact(self, keep: int | None = None) -> None:
@@ -285,6 +298,7 @@ class VectorIndex:
         self._sketches = self._sketches[live].copy()
         self._expires = self._expires[live].copy()
         self._keys = [self._keys[int(row)] for row in live]
+        self._numbers = [self._numbers[int(row)] for row in live]
         self._rows = {key: row for row, key in enumerate(self._keys)}
         self._size = len(live)
         self.removed = 0
@@ -414,13 +428,15 @@ class SemanticTier:
         if partition is not None and partition.index is not None:
             partition.index.remove(key)
 
-    async def add(self, name: str, key: str, vector: Vectors, expires_at: float) -> None:
+    async def add(self, name: str, key: str, vector: Vectors, expires_at: float, numbers: str) -> None:
         """Index the answer stored at ``key`` (after it was stored) here and,
         for the other processes, in Redis."""
-        self._insert(self._partition(name), [key], vector.reshape(1, -1), np.array([expires_at]))
+        self._insert(self._partition(name), [key], vector.reshape(1, -1), np.array([expires_at]), [numbers])
         if self._redis is not None and self._redis.version is not None:
             blob = vector.astype(self._stored_dtype()).tobytes()
-            await self._redis.add_vector(name, key, blob, self._dtype_code(), expires_at, self._max_entries)
+            await self._redis.add_vector(
+                name, key, blob, self._dtype_code(), expires_at, numbers, self._max_entries
+            )
 
     def _stored_dtype(self) -> np.dtype[Any]:
         return np.dtype(self._dtype).newbyteorder("<")
@@ -429,7 +445,12 @@ class SemanticTier:
         return "f2" if np.dtype(self._dtype).itemsize == 2 else "f4"
 
     def _insert(
-        self, partition: _Partition, keys: list[str], vectors: Vectors, expires: npt.NDArray[np.float64]
+        self,
+        partition: _Partition,
+        keys: list[str],
+        vectors: Vectors,
+        expires: npt.NDArray[np.float64],
+        numbers: list[str],
     ) -> None:
         index = partition.index
         if index is None or index.dimensions != vectors.shape[1]:
@@ -437,7 +458,7 @@ class SemanticTier:
                 self._rows -= index.rows
             index = partition.index = VectorIndex(vectors.shape[1], dtype=self._dtype)
         before = index.rows
-        index.add_many(keys, vectors, expires)
+        index.add_many(keys, vectors, expires, numbers)
         self._rows += index.rows - before
         if index.removed > max(1024, len(index)):
             self._rows -= index.rows
@@ -488,6 +509,7 @@ class SemanticTier:
             keys: list[str] = []
             rows: list[Vectors] = []
             expires: list[float] = []
+            numbers: list[str] = []
             for _, fields in records:
                 parsed = _parse_record(fields)
                 if parsed is None:
@@ -496,10 +518,11 @@ class SemanticTier:
                 keys.append(parsed[0])
                 rows.append(parsed[1])
                 expires.append(parsed[2])
+                numbers.append(parsed[3])
             if rows:
                 dims = {row.shape[0] for row in rows}
                 if len(dims) == 1:
-                    self._insert(partition, keys, np.stack(rows), np.array(expires, np.float64))
+                    self._insert(partition, keys, np.stack(rows), np.array(expires, np.float64), numbers)
                 else:
                     self.records_skipped += len(rows)
             if len(records) < _SYNC_BATCH:
@@ -508,14 +531,15 @@ class SemanticTier:
                 await asyncio.sleep(0)  # a long first load must not hold the loop
 
 
-def _parse_record(fields: dict[bytes, bytes]) -> tuple[str, Vectors, float] | None:
+def _parse_record(fields: dict[bytes, bytes]) -> tuple[str, Vectors, float, str] | None:
     """One stream record, or None if it is not one of ours."""
     try:
         key = fields[b"k"].decode("ascii")
         code = fields[b"d"]
         blob = fields[b"v"]
         expires_at = float(fields[b"x"])
-    except (KeyError, UnicodeDecodeError, ValueError, TypeError):
+        numbers = fields.get(b"n", b"").decode("ascii")
+    except (KeyError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
         return None
     dtype = {b"f2": "<f2", b"f4": "<f4"}.get(code)
     if dtype is None or not blob or len(blob) % np.dtype(dtype).itemsize or not key.isalnum():
@@ -526,4 +550,4 @@ def _parse_record(fields: dict[bytes, bytes]) -> tuple[str, Vectors, float] | No
         return None
     with contextlib.suppress(FloatingPointError):
         vector = vector / norm
-    return key, vector, expires_at
+    return key, vector, expires_at, numbers
