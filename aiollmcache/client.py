@@ -26,7 +26,7 @@ from openai.types.chat import ChatCompletion
 
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
-from .embeddings import Embeddings, OpenAIEmbedder
+from .embeddings import Embeddings, OpenAIEmbedder, Vectors
 from .entry import MISSING, Entry
 from .errors import (
     CacheClosedError,
@@ -920,7 +920,7 @@ class LLMCache:
             return await self._compute(request, control, upstream), Source.UPSTREAM, False, None
         self._remember(entry, time.time(), epoch)
         if origin == "computed":
-            self._index_later(request, control, entry)
+            await self._index_answer(request, control, entry)
             return entry, Source.UPSTREAM, False, None
         return entry, Source.REDIS, origin == "waited", None
 
@@ -930,7 +930,7 @@ class LLMCache:
         entry = await self._call_upstream(request, control, upstream)
         if not control.no_store:
             await self._store(entry, entry.created_at, epoch)
-            self._index_later(request, control, entry)
+            await self._index_answer(request, control, entry)
         return entry
 
     async def _call_upstream(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
@@ -1077,17 +1077,23 @@ class LLMCache:
             return None
         return entry
 
-    def _index_later(self, request: ChatRequest, control: CacheControl, entry: Entry) -> None:
-        """Index a stored answer for semantic lookups, in the background."""
+    async def _index_answer(self, request: ChatRequest, control: CacheControl, entry: Entry) -> None:
+        """Index a stored answer for semantic lookups: before the caller gets
+        it when its question's vector is at hand (the lookup embedded it), so
+        a paraphrase asked next is found; else in the background, after
+        embedding the question."""
         query = self._semantic_query(request, control)
-        if query is None or self._state != _OPEN:
+        if query is None or self._embeddings is None or self._state != _OPEN:
             return
-        self._spawn(self._index(query, entry))
+        vector = self._embeddings.cached(query.text)
+        if vector is None:
+            self._spawn(self._index(query, entry, None))
+        else:
+            await self._index(query, entry, vector)
 
-    async def _index(self, query: SemanticQuery, entry: Entry) -> None:
+    async def _index(self, query: SemanticQuery, entry: Entry, vector: Vectors | None) -> None:
         assert self._semantic is not None and self._embeddings is not None
         try:
-            vector = self._embeddings.cached(query.text)
             if vector is None:
                 vector = await self._embeddings.embed(query.text)
             await self._semantic.add(query.partition, entry.key, vector, entry.expires_at, query.numbers)
@@ -1197,7 +1203,7 @@ class LLMCache:
                 return
             self._remember(entry, time.time(), epoch)
             if origin == "computed":
-                self._index_later(request, control, entry)
+                await self._index_answer(request, control, entry)
         except Exception as exc:
             # The stale answer goes on being served until it expires.
             self._stats.refresh_errors += 1
