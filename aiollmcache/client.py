@@ -21,8 +21,10 @@ from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 
+import orjson
 import redis.asyncio as aioredis
-from openai.types.chat import ChatCompletion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import ValidationError
 
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
@@ -34,11 +36,13 @@ from .errors import (
     CorruptEntryError,
     EmbeddingError,
     InvalidRequestError,
+    InvalidResponseError,
+    StreamInterruptedError,
     TierError,
     TierUnavailableError,
     WaitTimeoutError,
 )
-from .flight import RETRY, Coordinator, Flights, LeaseSettings
+from .flight import RETRY, Coordinator, Flights, LeaseSettings, failure_message, remote_error
 from .invalidation import (
     Invalidation,
     InvalidationBus,
@@ -51,6 +55,7 @@ from .invalidation import (
 from .policy import Decision, State, decide, early_refresh_at
 from .request import ChatRequest, SemanticQuery, build_chat_request, semantic_query, system_text
 from .stats import Stats
+from .streaming import CachedStream, ChunkLog, ChunkWriter, assemble, replay
 from .tiers.memory import MemoryTier
 from .tiers.pubsub import Subscriber
 from .tiers.redis import HotKeys, RedisTier, connect, validate_namespace
@@ -150,6 +155,10 @@ class CacheControl:
 
 
 _DEFAULT_CONTROL: Final = CacheControl()
+# A stream copied to Redis is kept this long after its end, for followers
+# in other processes still reading it.
+_STREAM_KEPT_MS: Final = 30_000
+_STOPPED_ELSEWHERE: Final = "the process streaming this answer stopped before its end"
 _T = TypeVar("_T")
 
 
@@ -381,6 +390,7 @@ class LLMCache:
         self._upstream_scope = upstream_scope(self._upstream)
         self._owned_openai: AsyncOpenAI | None = None
         self._flights: Flights[_Outcome] = Flights()
+        self._streams: dict[str, ChunkLog] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats = Stats()
         self._semantic_config = semantic
@@ -769,6 +779,25 @@ class LLMCache:
                     self._stats.hits_memory += 1
                     return self._serve(cached, Source.MEMORY, now, decision, refresh)
 
+            streaming = self._streams.get(key)
+            if streaming is not None and streaming.error is None:
+                # The same request is being streamed here: its answer will do.
+                streaming.readers += 1
+                try:
+                    async for _ in streaming.follow():
+                        pass
+                except StreamInterruptedError:
+                    continue
+                finally:
+                    streaming.leave()
+                if streaming.entry is not None:
+                    now = time.time()
+                    decision = self._decide(streaming.entry, now, control)
+                    if decision.servable:
+                        self._stats.coalesced += 1
+                        return self._serve(streaming.entry, streaming.source, now, decision, refresh, True)
+                continue
+
             flight = self._flights.get(key)
             if flight is not None:
                 outcome = await flight.wait()
@@ -943,6 +972,16 @@ class LLMCache:
         except BaseException:
             self._stats.upstream_errors += 1
             raise
+        return self._new_entry(request, control, raw, response, started)
+
+    def _new_entry(
+        self,
+        request: ChatRequest,
+        control: CacheControl,
+        raw: bytes,
+        response: ChatCompletion,
+        started: float,
+    ) -> Entry:
         created = time.time()
         fresh_until = created + _control_seconds(control.ttl, self._ttl)
         usage = response.usage
@@ -987,6 +1026,308 @@ class LLMCache:
             self._stats.stores += 1
         else:
             self._stats.store_skipped += 1
+
+    # -- streams ------------------------------------------------------------------
+
+    def stream(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        cache: CacheControl | None = None,
+        **params: Any,
+    ) -> CachedStream:
+        """Answer a chat request as a stream of ``ChatCompletionChunk``.
+
+        Returns at once (no I/O) a :class:`~aiollmcache.streaming.CachedStream`
+        to iterate with ``async for``. A cached answer is replayed as chunks; a
+        stream already in flight for the same request, in this process or
+        another, is joined from its first chunk; otherwise the model's chunks
+        reach the caller as they arrive and the answer is stored once the
+        stream ends well. The request's key is the one ``complete()`` uses.
+        Raises :class:`InvalidRequestError` at once for a malformed request.
+        """
+        if cache is not None and not isinstance(cache, CacheControl):
+            raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
+        if params.get("stream") is False:
+            raise InvalidRequestError("stream: stream() streams; call complete() for a whole answer")
+        params.pop("stream", None)
+        request = build_chat_request(
+            messages, params, default_model=self._model, upstream_scope=self._upstream_scope
+        )
+        return self._stream(request, cache, self._upstream)
+
+    def _stream(
+        self, request: ChatRequest, control: CacheControl | None, upstream: Upstream | None
+    ) -> CachedStream:
+        options = request.params.get("stream_options")
+        include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
+
+        async def opener() -> tuple[Any, Source, bool, ChunkLog | None]:
+            return await self._open_stream(request, control or _DEFAULT_CONTROL, upstream, include_usage)
+
+        return CachedStream(request.key, opener)
+
+    async def _open_stream(
+        self, request: ChatRequest, control: CacheControl, upstream: Upstream | None, include_usage: bool
+    ) -> tuple[Any, Source, bool, ChunkLog | None]:
+        if self._state != _OPEN:
+            await self.open()
+        if upstream is None:
+            raise ConfigurationError("no upstream: pass openai= or upstream= to LLMCache")
+        self._stats.requests += 1
+        self._stats.streams += 1
+        key = request.key
+        refresh = None if control.no_store else (request, upstream)
+        shared = not (control.no_cache or control.no_store)
+        while not control.no_cache:
+            now = time.time()
+            cached = self._memory.get(key)
+            if cached is not MISSING:
+                decision = self._decide(cached, now, control)
+                if decision.servable:
+                    self._stats.hits_memory += 1
+                    self._serve(cached, Source.MEMORY, now, decision, refresh)
+                    return self._replayed(cached, include_usage), Source.MEMORY, False, None
+            log = self._streams.get(key)
+            if log is not None and log.error is None:
+                log.readers += 1
+                self._stats.coalesced += 1
+                return self._read_log(log, include_usage), log.source, True, log
+            flight = self._flights.get(key)
+            if flight is not None:
+                outcome = await flight.wait()
+                if outcome is RETRY:
+                    if self._state == _CLOSED:
+                        raise CacheClosedError("this LLMCache was closed while the request was in flight")
+                    continue
+                entry, source, _, _ = outcome
+                now = time.time()
+                decision = self._decide(entry, now, control)
+                if decision.servable and source is not Source.SEMANTIC:
+                    self._stats.coalesced += 1
+                    self._serve(entry, source, now, decision, refresh, coalesced=True)
+                    return self._replayed(entry, include_usage), source, True, None
+                break
+            found = await self._redis_get(key, control, now)
+            if found is not None:
+                self._serve(found[0], Source.REDIS, now, found[1], refresh)
+                return self._replayed(found[0], include_usage), Source.REDIS, False, None
+            if key not in self._streams:  # (another caller may have started one meanwhile)
+                break
+        log = ChunkLog(Source.UPSTREAM)
+        log.readers = 1
+        if shared:
+            self._streams[key] = log
+        log.producer = self._spawn(self._produce_stream(request, control, upstream, log, shared))
+        return self._read_log(log, include_usage), Source.UPSTREAM, False, log
+
+    @staticmethod
+    async def _read_log(log: ChunkLog, include_usage: bool) -> Any:
+        async for chunk in log.follow():
+            if not include_usage and not chunk.choices and chunk.usage is not None:
+                continue  # the usage chunk another caller asked for
+            yield chunk
+
+    @staticmethod
+    async def _replayed(entry: Entry, include_usage: bool) -> Any:
+        for data in replay(entry.response, include_usage=include_usage):
+            yield ChatCompletionChunk.model_validate(data)
+
+    async def _produce_stream(
+        self, request: ChatRequest, control: CacheControl, upstream: Upstream, log: ChunkLog, shared: bool
+    ) -> None:
+        """The owned task behind a stream in flight: it fills ``log``."""
+        epoch = self._epoch
+        try:
+            coordinator = self._coordinator
+            redis = self._redis
+            if shared and coordinator is not None and redis is not None and redis.version is not None:
+                await self._stream_fleet(request, control, upstream, log, coordinator, redis)
+            else:
+                entry = await self._stream_upstream(request, control, upstream, log, None)
+                if not control.no_store:
+                    await self._store(entry, entry.created_at, epoch)
+                log.entry = entry
+            log.finish()
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                log.fail(exc)
+                self._log.warning("stream", "a stream failed: %s: %s", type(exc).__name__, exc)
+                return
+            log.fail(
+                StreamInterruptedError("the stream was stopped (nobody was reading it, or the cache closed)")
+            )
+            raise
+        finally:
+            if self._streams.get(request.key) is log:
+                del self._streams[request.key]
+
+    async def _stream_upstream(
+        self,
+        request: ChatRequest,
+        control: CacheControl,
+        upstream: Upstream,
+        log: ChunkLog,
+        writer: ChunkWriter | None,
+    ) -> Entry:
+        """Stream from the model into ``log`` (and ``writer``); the entry of
+        the whole answer, once the stream ended with every finish reason."""
+        self._stats.misses += 1
+        self._stats.upstream_calls += 1
+        started = time.monotonic()
+        produce = getattr(upstream, "stream", None)
+        try:
+            if produce is None:
+                # An upstream that cannot stream: the whole answer, replayed.
+                raw, response = parse_response(await upstream(request.params))
+                for data in replay(response, include_usage=True):
+                    log.append(ChatCompletionChunk.model_validate(data))
+                    if writer is not None:
+                        writer.add(data)
+                return self._new_entry(request, control, raw, response, started)
+            records: list[Mapping[str, Any]] = []
+            async for data in produce(request.params):
+                if not isinstance(data, Mapping):
+                    raise InvalidResponseError(f"upstream streamed a {type(data).__name__}, not a chunk")
+                try:
+                    chunk = ChatCompletionChunk.model_validate(data)
+                except ValidationError as exc:
+                    raise InvalidResponseError(
+                        f"upstream streamed something that is not a chunk: {exc}"
+                    ) from exc
+                records.append(data)
+                log.append(chunk)
+                if writer is not None:
+                    writer.add(data)
+            if not records:
+                raise StreamInterruptedError("the model's stream ended without a chunk")
+            raw, response = parse_response(orjson.dumps(assemble(records)))
+        except BaseException:
+            self._stats.upstream_errors += 1
+            raise
+        return self._new_entry(request, control, raw, response, started)
+
+    async def _stream_fleet(
+        self,
+        request: ChatRequest,
+        control: CacheControl,
+        upstream: Upstream,
+        log: ChunkLog,
+        coordinator: Coordinator,
+        tier: RedisTier,
+    ) -> None:
+        """One stream from the model per key across the processes sharing the
+        Redis: the lease's holder streams from the model and copies the chunks
+        to a Redis Stream; the others read that stream as it grows."""
+        key = request.key
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._lease_settings.max_wait
+        lease_ms = max(1, round(self._lease_settings.ttl * 1000))
+        skip_entry = False
+        epoch = self._epoch
+        while True:
+            token = secrets.token_hex(16)
+            try:
+                state = await tier.acquire(key, token, lease_ms, skip_entry=skip_entry)
+            except CorruptEntryError:
+                skip_entry = True
+                continue
+            except TierUnavailableError as exc:
+                if log.chunks:
+                    raise StreamInterruptedError(f"lost Redis while following a stream: {exc}") from exc
+                self._stats.redis_errors += 1
+                self._log.warning("redis", "Redis unavailable, streaming without a lease: %s", exc)
+                entry = await self._stream_upstream(request, control, upstream, log, None)
+                self._remember(entry, time.time(), epoch)
+                log.entry = entry
+                return
+            if isinstance(state, Entry):
+                if not log.chunks and self._decide(state, time.time(), control).servable:
+                    self._stats.hits_redis += 1
+                    log.source = Source.REDIS
+                    for data in replay(state.response, include_usage=True):
+                        log.append(ChatCompletionChunk.model_validate(data))
+                    self._remember(state, time.time(), epoch)
+                    log.entry = state
+                    return
+                skip_entry = True
+                continue
+            if state is True:
+                writer = ChunkWriter(tier, key, token, lease_ms * 3, self._spawn_cleanup, self._log)
+
+                async def compute(writer: ChunkWriter = writer) -> Entry:
+                    try:
+                        return await self._stream_upstream(request, control, upstream, log, writer)
+                    except BaseException as exc:
+                        message = failure_message(exc) if isinstance(exc, Exception) else b"retry"
+                        kind = b"fail" if isinstance(exc, Exception) else b"retry"
+                        self._spawn_cleanup(writer.end(kind, message, lease_ms * 3))
+                        raise
+
+                entry = await coordinator.hold(key, token, compute, self._encode_for_redis)
+                await writer.end(b"end", b"", _STREAM_KEPT_MS)
+                self._remember(entry, time.time(), epoch)
+                log.entry = entry
+                return
+            log.source, log.coalesced = Source.REDIS, True
+            if await self._stream_follow(key, log, deadline, tier) == "done":
+                self._stats.coalesced_remote += 1
+                return
+            skip_entry = False
+
+    async def _stream_follow(self, key: str, log: ChunkLog, deadline: float, tier: RedisTier) -> str:
+        """Read the stream another process is copying to Redis into ``log``:
+        "done" at its end, "retry" when there is nothing to follow (the answer
+        is stored, or the lease is free: look again). Raises the other
+        process's upstream error, or StreamInterruptedError when it stopped
+        halfway."""
+        loop = asyncio.get_running_loop()
+        block_ms = max(1, int(self._redis_timeout * 400))
+        owner: bytes | None = None
+        last = "0-0"
+        received = 0
+        while True:
+            if loop.time() > deadline:
+                if received:
+                    raise StreamInterruptedError("the stream followed in Redis took longer than max_wait")
+                raise WaitTimeoutError(f"another process held the lease of {key} for longer than max_wait")
+            try:
+                exists, holder, _ = await tier.lease_holder(key)
+                if holder is None or (owner is not None and holder != owner):
+                    if received:
+                        raise StreamInterruptedError(
+                            "the process streaming this answer stopped before its end"
+                        )
+                    return "retry"
+                owner = holder
+                records = await tier.read_chunks(key, last, block_ms)
+            except TierError as exc:
+                if received:
+                    raise StreamInterruptedError(f"lost Redis while following a stream: {exc}") from exc
+                return "retry"
+            for record_id, record_owner, kind, data in records:
+                last = record_id
+                if record_owner != owner:
+                    continue  # an earlier stream of the same key
+                if kind == b"c":
+                    try:
+                        chunk = ChatCompletionChunk.model_validate_json(data)
+                    except ValidationError:
+                        continue
+                    log.append(chunk)
+                    received += 1
+                elif kind == b"end":
+                    return "done"
+                elif kind == b"fail":
+                    raise remote_error(data)
+                elif kind == b"retry":
+                    if received:
+                        raise StreamInterruptedError(
+                            "the process streaming this answer stopped before its end"
+                        )
+                    return "retry"
+            if exists and not received:
+                return "retry"
 
     # -- the semantic tier ---------------------------------------------------------
 

@@ -12,6 +12,7 @@ the SDK's own exception, whether they led the call or waited on it.
     ├── InvalidResponseError (ValueError)     an upstream callable returned something unusable
     ├── ConfigurationError (ValueError)       bad settings
     ├── CacheClosedError (RuntimeError)       the cache was used after aclose()
+    ├── StreamInterruptedError                a streamed answer was cut off before its end
     ├── TierError                             a storage tier failed (handled inside the cache)
     │   ├── TierUnavailableError              the tier cannot be reached
     │   │   └── TierTimeoutError (TimeoutError)
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidRequestError",
     "InvalidResponseError",
     "RemoteUpstreamError",
+    "StreamInterruptedError",
     "TierError",
     "TierTimeoutError",
     "TierUnavailableError",
@@ -63,6 +65,13 @@ class ConfigurationError(AiollmcacheError, ValueError):
 
 class CacheClosedError(AiollmcacheError, RuntimeError):
     """The cache was used after :meth:`LLMCache.aclose`."""
+
+
+class StreamInterruptedError(AiollmcacheError):
+    """A streamed answer ended before it was complete: the model's stream was
+    cut off, or the process streaming it to others died or gave up. Nothing
+    of it was cached; the chunks already received were the start of an
+    answer that never finished."""
 
 
 class TierError(AiollmcacheError):

@@ -28,7 +28,16 @@ from .errors import CorruptEntryError, RemoteUpstreamError, TierError, WaitTimeo
 from .tiers.pubsub import RESYNC, Subscriber, Subscription
 from .tiers.redis import RedisTier
 
-__all__ = ["RETRY", "Coordinator", "Flight", "Flights", "LeaseSettings", "LeaseStats"]
+__all__ = [
+    "RETRY",
+    "Coordinator",
+    "Flight",
+    "Flights",
+    "LeaseSettings",
+    "LeaseStats",
+    "failure_message",
+    "remote_error",
+]
 
 T = TypeVar("T")
 
@@ -186,7 +195,7 @@ def failure_message(exc: BaseException) -> bytes:
     return b"fail:" + orjson.dumps(body)
 
 
-def _remote_error(message: bytes) -> RemoteUpstreamError:
+def remote_error(message: bytes) -> RemoteUpstreamError:
     try:
         body = orjson.loads(message[5:])
         status = body.get("status")
@@ -292,7 +301,7 @@ class Coordinator:
                 elif isinstance(message, bytes):
                     if message.startswith(b"fail:"):
                         self.stats.remote_failures += 1
-                        raise _remote_error(message)
+                        raise remote_error(message)
                     carried = self._tier.decode_notification(key, message)
                     if carried is not None and accept(carried):
                         self.stats.waited += 1
@@ -316,6 +325,18 @@ class Coordinator:
             await asyncio.sleep(seconds)
             return None
         return await subscription.wait(seconds)
+
+    async def hold(
+        self,
+        key: str,
+        token: str,
+        compute: Callable[[], Awaitable[Entry]],
+        encode: Callable[[Entry], bytes | None],
+    ) -> Entry:
+        """Call ``compute`` under the lease ``token`` holds (just acquired with
+        :meth:`RedisTier.acquire`): renewed meanwhile, then the entry written
+        and the waiters woken; on failure, the lease given back with the error."""
+        return await self._hold(key, token, compute, encode)
 
     async def _hold(
         self,

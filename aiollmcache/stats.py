@@ -19,6 +19,7 @@ SIMILARITY_BUCKETS: Final = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.
 @dataclass(slots=True)
 class Stats:
     requests: int = 0
+    streams: int = 0
     hits_memory: int = 0
     hits_redis: int = 0
     coalesced: int = 0

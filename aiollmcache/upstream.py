@@ -2,7 +2,10 @@
 
 An upstream is any async callable taking the request parameters (``model``,
 ``messages`` and the rest, exactly as ``chat.completions.create`` takes them)
-and returning the chat completion as JSON bytes or as a mapping. Its
+and returning the chat completion as JSON bytes or as a mapping. An upstream
+that can stream also has a ``stream(params)`` method: an async iterator of
+chunk mappings (``chat.completion.chunk`` objects); one without is answered
+whole by ``cache.stream()``, and the answer replayed as chunks. Its
 exceptions reach callers unchanged and are never cached. An upstream may
 have a ``scope`` attribute (a string naming the provider, e.g. its base URL):
 it becomes part of every cache key, so two providers never share answers.
@@ -10,7 +13,7 @@ it becomes part of every cache key, so two providers never share answers.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -46,6 +49,16 @@ class OpenAIUpstream:
         raw = await self.client.chat.completions.with_raw_response.create(**params)
         body: bytes = raw.content
         return body
+
+    async def stream(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of ``create(..., stream=True)``, as the provider sent them
+        (the SDK parses the events and raises the API's errors)."""
+        response = await self.client.chat.completions.create(**{**params, "stream": True})
+        try:
+            async for chunk in response:
+                yield chunk.model_dump(mode="json", exclude_unset=True)
+        finally:
+            await response.close()
 
 
 def upstream_scope(upstream: object) -> str | None:

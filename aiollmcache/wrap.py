@@ -29,15 +29,17 @@ class _Completions:
         """``chat.completions.create`` through the cache.
 
         Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns
-        the ``ChatCompletion``. Streaming requests (``stream=True``) go to the
-        model uncached.
+        the ``ChatCompletion``; with ``stream=True``, a
+        :class:`~aiollmcache.streaming.CachedStream` of ``ChatCompletionChunk``
+        that iterates and closes as the SDK's ``AsyncStream`` does.
         """
-        if kwargs.get("stream"):
-            return await self._client.chat.completions.create(**kwargs)
         messages = kwargs.pop("messages", None)
+        streaming = bool(kwargs.pop("stream", False))
         request = build_chat_request(
             messages, kwargs, default_model=self._cache.model, upstream_scope=self._upstream.scope
         )
+        if streaming:
+            return self._cache._stream(request, cache, self._upstream)
         result = await self._cache._complete(request, cache, self._upstream)
         response: ChatCompletion = result.response
         return response
@@ -59,7 +61,7 @@ class _Chat:
 
 class CachedOpenAI:
     """Behaves as the wrapped ``AsyncOpenAI`` client; only
-    ``chat.completions.create`` (non-streaming) is answered through the cache.
+    ``chat.completions.create`` (streaming or not) is answered through the cache.
     Everything else is the wrapped client's own attribute.
 
     Cache misses are sent through the wrapped client, with its own base URL,

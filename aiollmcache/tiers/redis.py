@@ -479,6 +479,10 @@ class CircuitBreaker:
 
 
 _READ_ALONE: Final = object()  # a batch's leader gave up: read on your own
+# A stream in flight keeps about this many chunks; a follower reads up to
+# _READ_CHUNKS of them a round trip.
+_MAX_STREAM_CHUNKS: Final = 100_000
+_READ_CHUNKS: Final = 1000
 # At most this many reads share one command: its reply, up to this many
 # entries, is read as one piece.
 _BATCH_MAX: Final = 256
@@ -874,6 +878,55 @@ class RedisTier:
             (rid.decode() if isinstance(rid, bytes) else str(rid), fields if isinstance(fields, dict) else {})
             for rid, fields in records or ()
         ]
+
+    # -- streams in flight (see aiollmcache.streaming) ------------------------------
+
+    def chunk_stream_key(self, key: str) -> str:
+        return self._key("s", key)
+
+    async def append_chunks(
+        self, key: str, owner: str, records: list[tuple[bytes, bytes]], ttl_ms: int
+    ) -> None:
+        """Append ``(kind, data)`` records, marked with the lease ``owner``, to
+        the stream of ``key``'s answer in flight, and keep it ``ttl_ms`` more."""
+        skey = self.chunk_stream_key(key)
+        pipe = self._client.pipeline(transaction=False)
+        for kind, data in records:
+            pipe.xadd(skey, {"o": owner, "t": kind, "d": data}, maxlen=_MAX_STREAM_CHUNKS, approximate=True)
+        pipe.pexpire(skey, ttl_ms)
+        await self._call("XADD", pipe.execute())
+
+    async def read_chunks(self, key: str, after: str, block_ms: int) -> list[tuple[str, bytes, bytes, bytes]]:
+        """Records after id ``after`` of ``key``'s stream in flight, waiting up
+        to ``block_ms`` for one: ``(id, owner, kind, data)``, oldest first."""
+        found: Any = await self._call(
+            "XREAD",
+            self._client.xread({self.chunk_stream_key(key): after}, count=_READ_CHUNKS, block=block_ms),
+        )
+        records = []
+        for _, entries in found or ():
+            for rid, fields in entries:
+                if not isinstance(fields, dict):
+                    continue
+                records.append(
+                    (
+                        rid.decode() if isinstance(rid, bytes) else str(rid),
+                        fields.get(b"o", b""),
+                        fields.get(b"t", b""),
+                        fields.get(b"d", b""),
+                    )
+                )
+        return records
+
+    async def lease_holder(self, key: str) -> tuple[bool, bytes | None, int]:
+        """Whether ``key``'s entry exists, the token holding its lease (None:
+        free) and the lease's remaining milliseconds, in one round trip."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.exists(self.entry_key(key))
+        pipe.get(self.lease_key(key))
+        pipe.pttl(self.lease_key(key))
+        exists, token, pttl = await self._call("LEASE", pipe.execute())
+        return bool(exists), token if isinstance(token, bytes) else None, int(pttl)
 
     # -- the lease (see aiollmcache.flight) ------------------------------------
 
