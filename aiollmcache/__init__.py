@@ -17,6 +17,7 @@ from .errors import (
     InvalidRequestError,
     InvalidResponseError,
     RemoteUpstreamError,
+    StreamInterruptedError,
     TierError,
     TierTimeoutError,
     TierUnavailableError,
@@ -24,6 +25,7 @@ from .errors import (
 )
 from .invalidation import Invalidation, InvalidationKind, Pattern
 from .request import EXCLUDED_PARAMS
+from .streaming import CachedStream
 from .tiers.semantic import DEFAULT_THRESHOLD, SemanticConfig
 from .upstream import OpenAIUpstream, Upstream
 from .wrap import CachedOpenAI
@@ -39,6 +41,7 @@ __all__ = [
     "CacheControl",
     "CacheResult",
     "CachedOpenAI",
+    "CachedStream",
     "ConfigurationError",
     "CoordinationError",
     "CorruptEntryError",
@@ -56,6 +59,7 @@ __all__ = [
     "RemoteUpstreamError",
     "SemanticConfig",
     "Source",
+    "StreamInterruptedError",
     "TierError",
     "TierTimeoutError",
     "TierUnavailableError",

@@ -1280,31 +1280,25 @@ class LLMCache:
         "done" at its end, "retry" when there is nothing to follow (the answer
         is stored, or the lease is free: look again). Raises the other
         process's upstream error, or StreamInterruptedError when it stopped
-        halfway."""
+        halfway.
+
+        Records are read with XREAD BLOCK; only after a read that waited in
+        vain is the lease looked at: a holder gone (died, or gave up) with the
+        stream unfinished ends it, after one last look for its end.
+        """
         loop = asyncio.get_running_loop()
         block_ms = max(1, int(self._redis_timeout * 400))
-        owner: bytes | None = None
         last = "0-0"
         received = 0
-        while True:
-            if loop.time() > deadline:
-                if received:
-                    raise StreamInterruptedError("the stream followed in Redis took longer than max_wait")
-                raise WaitTimeoutError(f"another process held the lease of {key} for longer than max_wait")
-            try:
-                exists, holder, _ = await tier.lease_holder(key)
-                if holder is None or (owner is not None and holder != owner):
-                    if received:
-                        raise StreamInterruptedError(
-                            "the process streaming this answer stopped before its end"
-                        )
-                    return "retry"
-                owner = holder
-                records = await tier.read_chunks(key, last, block_ms)
-            except TierError as exc:
-                if received:
-                    raise StreamInterruptedError(f"lost Redis while following a stream: {exc}") from exc
-                return "retry"
+        try:
+            exists, owner, _ = await tier.lease_holder(key)
+        except TierError:
+            return "retry"
+        if owner is None or exists:
+            return "retry"
+
+        def take(records: list[tuple[str, bytes, bytes, bytes]]) -> str | None:
+            nonlocal last, received
             for record_id, record_owner, kind, data in records:
                 last = record_id
                 if record_owner != owner:
@@ -1322,12 +1316,33 @@ class LLMCache:
                     raise remote_error(data)
                 elif kind == b"retry":
                     if received:
-                        raise StreamInterruptedError(
-                            "the process streaming this answer stopped before its end"
-                        )
+                        raise StreamInterruptedError(_STOPPED_ELSEWHERE)
                     return "retry"
-            if exists and not received:
+            return None
+
+        while True:
+            if loop.time() > deadline:
+                if received:
+                    raise StreamInterruptedError("the stream followed in Redis took longer than max_wait")
+                raise WaitTimeoutError(f"another process held the lease of {key} for longer than max_wait")
+            try:
+                records = await tier.read_chunks(key, last, block_ms)
+                if (ended := take(records)) is not None:
+                    return ended
+                if records:
+                    continue
+                exists, holder, _ = await tier.lease_holder(key)
+                if holder == owner and not (exists and not received):
+                    continue
+                if (ended := take(await tier.read_chunks(key, last, None))) is not None:
+                    return ended
+            except TierError as exc:
+                if received:
+                    raise StreamInterruptedError(f"lost Redis while following a stream: {exc}") from exc
                 return "retry"
+            if received:
+                raise StreamInterruptedError(_STOPPED_ELSEWHERE)
+            return "retry"
 
     # -- the semantic tier ---------------------------------------------------------
 

@@ -132,6 +132,7 @@ class _Failure:
     remaining: int
     prompt: str | None
     message: str
+    cut_after: int | None = None
 
 
 class FakeOpenAI:
@@ -177,6 +178,7 @@ class FakeOpenAI:
         self._embedding_calls = 0
         self._requests: list[dict[str, Any]] = []
         self._failures: list[_Failure] = []
+        self._cuts: list[_Failure] = []
         self._ids = itertools.count(1)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -318,6 +320,15 @@ class FakeOpenAI:
         with self._lock:
             self._failures.append(_Failure(status, times, prompt, message))
 
+    def cut(self, *, after: int = 2, times: int = 1, prompt: str | None = None) -> None:
+        """Break the next ``times`` matching streamed answers after ``after``
+        content chunks: the connection is dropped, no finish reason is sent.
+        (Whole answers are not affected.)"""
+        if times < 1 or after < 0:
+            raise ValueError("cut: times must be >= 1 and after >= 0")
+        with self._lock:
+            self._cuts.append(_Failure(None, times, prompt, f"cut after {after}", cut_after=after))
+
     def hang(self, *, times: int = 1, prompt: str | None = None) -> None:
         """Never answer the next ``times`` matching chat requests (until the server stops)."""
         if times < 1:
@@ -332,6 +343,7 @@ class FakeOpenAI:
             self._embedding_calls = 0
             self._requests.clear()
             self._failures.clear()
+            self._cuts.clear()
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -406,9 +418,16 @@ class FakeOpenAI:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             include_usage = bool(stream_options.get("include_usage"))
+            cut = self._take_cut(prompt)
             return StreamingResponse(
                 self._sse(
-                    completion_id, created, body["model"], content, n, usage if include_usage else None
+                    completion_id,
+                    created,
+                    body["model"],
+                    content,
+                    n,
+                    usage if include_usage else None,
+                    cut,
                 ),
                 media_type="text/event-stream",
             )
@@ -423,8 +442,25 @@ class FakeOpenAI:
         )
         return Response(orjson.dumps(completion), media_type="application/json")
 
+    def _take_cut(self, prompt: str) -> int | None:
+        with self._lock:
+            for cut in self._cuts:
+                if cut.prompt is None or cut.prompt == prompt:
+                    cut.remaining -= 1
+                    if cut.remaining <= 0:
+                        self._cuts.remove(cut)
+                    return cut.cut_after
+        return None
+
     async def _sse(
-        self, completion_id: str, created: int, model: str, content: str, n: int, usage: dict[str, int] | None
+        self,
+        completion_id: str,
+        created: int,
+        model: str,
+        content: str,
+        n: int,
+        usage: dict[str, int] | None,
+        cut_after: int | None = None,
     ) -> AsyncIterator[bytes]:
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
             data: dict[str, Any] = {
@@ -442,7 +478,9 @@ class FakeOpenAI:
         pieces[-1] = pieces[-1][:-1]
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for piece in pieces:
+        for sent, piece in enumerate(pieces):
+            if sent == cut_after:
+                raise ConnectionAbortedError("FakeOpenAI: stream cut (injected)")
             if self.chunk_latency > 0:
                 await asyncio.sleep(self.chunk_latency)
             for i in range(n):

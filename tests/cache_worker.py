@@ -1,12 +1,16 @@
 """A long-lived worker process for cross-process tests, driven over stdin.
 
     python -m tests.cache_worker REDIS_URL BASE_URL NAMESPACE [--sync-interval S] [--semantic THRESHOLD]
+        [--lease-ttl S]
 
 It prints "ready" once its cache is open, then answers each JSON line on stdin
 with one JSON line on stdout:
 
     {"op": "call", "prompt": P, "system": S, "tags": [...], "model": M}
         -> {"source", "key", "text", "similarity"}
+    {"op": "stream", "prompt": P, "count": N}
+        -> [{"text", "source", "coalesced", "chunks", "error"}, ...]: N
+           concurrent cache.stream() calls
     {"op": "wait", "count": N, "timeout": S}
         -> {"invalidations": [kind, ...]} once N invalidations were applied
            here (made anywhere), or {"error": "timeout", ...}
@@ -44,7 +48,27 @@ async def main(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         sync_interval=args.sync_interval,
         semantic=SemanticConfig(threshold=args.semantic) if args.semantic is not None else None,
+        lease_ttl=args.lease_ttl,
     ) as cache:
+
+        async def stream(prompt: str) -> dict[str, Any]:
+            text, chunks, error = "", 0, None
+            flowing = cache.stream([{"role": "user", "content": prompt}], model="test-model")
+            try:
+                async for chunk in flowing:
+                    chunks += 1
+                    if chunk.choices:
+                        text += chunk.choices[0].delta.content or ""
+            except Exception as exc:
+                error = type(exc).__name__
+            return {
+                "text": text,
+                "source": str(flowing.source),
+                "coalesced": flowing.coalesced,
+                "chunks": chunks,
+                "error": error,
+            }
+
         cache.add_invalidation_listener(listener)
         print("ready", flush=True)
         while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -78,6 +102,8 @@ async def main(args: argparse.Namespace) -> None:
                     }
                 except TimeoutError:
                     reply = {"error": "timeout", "invalidations": [kind for kind, _ in applied]}
+            elif command["op"] == "stream":
+                reply = await asyncio.gather(*(stream(command["prompt"]) for _ in range(command["count"])))
             elif command["op"] == "stats":
                 reply = cache.stats()
             else:
@@ -94,4 +120,5 @@ if __name__ == "__main__":
     parser.add_argument("namespace")
     parser.add_argument("--sync-interval", type=float, default=1.0)
     parser.add_argument("--semantic", type=float, default=None, metavar="THRESHOLD")
+    parser.add_argument("--lease-ttl", type=float, default=10.0)
     asyncio.run(main(parser.parse_args()))

@@ -896,9 +896,12 @@ class RedisTier:
         pipe.pexpire(skey, ttl_ms)
         await self._call("XADD", pipe.execute())
 
-    async def read_chunks(self, key: str, after: str, block_ms: int) -> list[tuple[str, bytes, bytes, bytes]]:
+    async def read_chunks(
+        self, key: str, after: str, block_ms: int | None
+    ) -> list[tuple[str, bytes, bytes, bytes]]:
         """Records after id ``after`` of ``key``'s stream in flight, waiting up
-        to ``block_ms`` for one: ``(id, owner, kind, data)``, oldest first."""
+        to ``block_ms`` for one (None: not at all): ``(id, owner, kind,
+        data)``, oldest first."""
         found: Any = await self._call(
             "XREAD",
             self._client.xread({self.chunk_stream_key(key): after}, count=_READ_CHUNKS, block=block_ms),
