@@ -808,7 +808,7 @@ class LLMCache:
                 entry, source, _, similarity = outcome
                 now = time.time()
                 decision = self._decide(entry, now, control)
-                if decision.servable:
+                if decision.servable and (control.semantic or source is not Source.SEMANTIC):
                     self._stats.coalesced += 1
                     if source is Source.SEMANTIC:  # an answer to another question: not refreshed as ours
                         return self._serve(entry, source, now, decision, None, True, similarity)
@@ -1385,7 +1385,12 @@ class LLMCache:
             return None
         epoch = self._epoch
         now = time.time()
-        candidates = await semantic.search(query.partition, vector, now)
+        try:
+            candidates = await semantic.search(query.partition, vector, now)
+        except Exception as exc:  # the tier is an optimisation: never the caller's failure
+            self._stats.semantic_errors += 1
+            self._log.warning("semantic", "semantic search failed, skipping the tier: %s", exc)
+            return None
         self._stats.record_similarity(candidates[0].similarity if candidates else None)
         for candidate in candidates:
             if candidate.similarity < config.threshold:

@@ -181,15 +181,35 @@ class Embeddings:
         return await asyncio.shield(waiting)
 
     async def _send(self) -> None:
-        started = time.monotonic()
-        while True:  # until no text joined for a window, or ten windows passed
-            joined = len(self._batch or ())
-            await asyncio.sleep(self._window)
-            if len(self._batch or ()) == joined or time.monotonic() - started >= 10 * self._window:
-                break
-        batch, self._batch = self._batch or [], None
-        for start in range(0, len(batch), _MAX_BATCH):
-            await self._send_batch(batch[start : start + _MAX_BATCH])
+        batch: list[str] = []
+        try:
+            started = time.monotonic()
+            while True:  # until no text joined for a window, or ten windows passed
+                joined = len(self._batch or ())
+                await asyncio.sleep(self._window)
+                if len(self._batch or ()) == joined or time.monotonic() - started >= 10 * self._window:
+                    break
+            batch, self._batch = self._batch or [], None
+            # Requests of one batch go out together: each is bounded by the timeout.
+            await asyncio.gather(
+                *(
+                    self._send_batch(batch[start : start + _MAX_BATCH])
+                    for start in range(0, len(batch), _MAX_BATCH)
+                )
+            )
+        finally:
+            # Cancelled (closing) before or while sending: nobody waits forever.
+            if self._batch is not None and not batch:
+                batch, self._batch = self._batch, None
+            self._fail(batch, EmbeddingError("the embeddings request was cancelled (the cache is closing)"))
+
+    def _fail(self, texts: list[str], error: EmbeddingError) -> None:
+        for text in texts:
+            waiting = self._pending.get(text)
+            if waiting is not None and not waiting.done():
+                del self._pending[text]
+                waiting.set_exception(error)
+                waiting.exception()  # retrieved: a caller may have gone
 
     async def _send_batch(self, texts: list[str]) -> None:
         started = time.monotonic()

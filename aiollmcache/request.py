@@ -337,8 +337,20 @@ _NUMBER_WORDS = {
             "twenty",
         )
     )
-} | {"thirty": "30", "forty": "40", "fifty": "50", "hundred": "100", "thousand": "1000", "million": "1e6"}
-_NUMBER = re.compile(r"\d+(?:[.,]\d+)*|[a-z]+")
+} | {
+    "thirty": "30",
+    "forty": "40",
+    "fifty": "50",
+    "sixty": "60",
+    "seventy": "70",
+    "eighty": "80",
+    "ninety": "90",
+    "hundred": "100",
+    "thousand": "1000",
+    "million": "1e6",
+    "billion": "1e9",
+}
+_NUMBER = re.compile(r"(?<![\w.])-?\d+(?:[.,]\d+)*|[a-z]+")
 
 
 def number_signature(text: str) -> str:
@@ -349,7 +361,7 @@ def number_signature(text: str) -> str:
     see "top 3" and "top 10" as nearly the same question)."""
     found = []
     for token in _NUMBER.findall(text.lower()):
-        if token[0].isdigit():
+        if token[0].isdigit() or token[0] == "-":
             found.append(token.replace(",", ""))
         elif token in _NUMBER_WORDS:
             found.append(_NUMBER_WORDS[token])

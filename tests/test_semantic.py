@@ -335,3 +335,35 @@ async def test_bad_settings_are_refused_before_any_io(openai_client: AsyncOpenAI
         LLMCache(upstream=lambda p: p, semantic=SemanticConfig())  # type: ignore[arg-type,return-value]
     with pytest.raises(ConfigurationError, match="SemanticConfig"):
         LLMCache(openai=openai_client, semantic={"threshold": 0.9})  # type: ignore[arg-type]
+
+
+async def test_an_opted_out_caller_never_gets_a_semantic_answer_from_another_callers_lookup(
+    semantic_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    cache = semantic_cache()
+    await cache.complete(user(QUESTION))
+    fake.latency = 0.05  # keeps the paraphrase's lookup in flight while the second caller joins it
+    opted_in = asyncio.create_task(cache.complete(user(PARAPHRASE)))
+    await asyncio.sleep(0)
+    opted_out = await cache.complete(user(PARAPHRASE), cache=CacheControl(semantic=False))
+    assert (await opted_in).source == "semantic"
+    assert opted_out.source == "upstream" and opted_out.similarity is None
+    assert opted_out.text == f"Answer to: {PARAPHRASE}"
+
+
+async def test_texts_waiting_for_an_embedding_fail_rather_than_hang_when_closing() -> None:
+    from aiollmcache.embeddings import Embeddings
+    from aiollmcache.errors import EmbeddingError
+
+    class Slow:
+        name = "slow"
+
+        async def embed(self, texts: Any) -> Any:
+            await asyncio.Event().wait()
+
+    embeddings = Embeddings(Slow(), cache_size=10, timeout=60, window=0.01)
+    waiting = [asyncio.create_task(embeddings.embed(f"text {n}")) for n in range(300)]
+    await asyncio.sleep(0.05)  # the batch is out: two requests, both hanging
+    await embeddings.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+    assert all(isinstance(r, EmbeddingError) for r in results)

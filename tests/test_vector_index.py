@@ -65,3 +65,48 @@ def test_number_signatures() -> None:
     assert number_signature("Which one is better?") == ""  # "one" is mostly a pronoun
     assert number_signature("What is 1.5 plus two?") == "1.5,2"
     assert number_signature("no numbers here") == ""
+
+
+def test_a_search_in_another_thread_never_mixes_rows_while_the_index_changes() -> None:
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    n, dims = 3000, 32
+    vectors = _unit(rng.standard_normal((n, dims)))
+    truth = {f"k{i}": vectors[i].astype(np.float16).astype(np.float32) for i in range(n)}
+    index = VectorIndex(dims)
+    index.add_many(list(truth), vectors, np.full(n, 1e12))
+    stop = threading.Event()
+    seen = {"searches": 0, "wrong": 0, "errors": 0}
+
+    def searcher() -> None:
+        i = 0
+        while not stop.is_set():
+            query = vectors[i % n]
+            i += 1
+            try:
+                found = index.search(query, 0.0, limit=4, exact_below=500, candidates=32)
+            except Exception:
+                seen["errors"] += 1
+                continue
+            seen["searches"] += 1
+            seen["wrong"] += sum(abs(float(truth[c.key] @ query) - c.similarity) > 1e-3 for c in found)
+
+    thread = threading.Thread(target=searcher)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 1.5
+        j = 0
+        while time.monotonic() < deadline:  # remove, re-add and compact, over and over
+            keys = [f"k{(j * 7 + m) % n}" for m in range(50)]
+            j += 1
+            for key in keys:
+                index.remove(key)
+            index.add_many(keys, np.stack([truth[k] for k in keys]), np.full(len(keys), 1e12))
+            index.compact()
+    finally:
+        stop.set()
+        thread.join()
+    assert seen["searches"] > 50
+    assert seen == {"searches": seen["searches"], "wrong": 0, "errors": 0}

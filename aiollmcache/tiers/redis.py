@@ -619,6 +619,7 @@ class RedisTier:
         self._budget = _Budget(timeout)
         self.sealer = sealer
         self._batching = batching
+        self._tasks: set[asyncio.Task[None]] = set()
         self._gets = _Batches(self._mget)
         self._hot_reads = _Batches(self._get_hot_batch)
         self._reads_in_flight = 0
@@ -726,7 +727,7 @@ class RedisTier:
         if batch is not None:
             joined: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             batch.append((keys, joined))
-            if len(batch) >= _BATCH_MAX:
+            if len(batch) + 1 >= _BATCH_MAX:  # (the leader is the one more)
                 batches.open = None  # full: the next caller leads a new one
             reply = await joined
             if isinstance(reply, Exception):
@@ -755,21 +756,37 @@ class RedisTier:
                 absent.append((other, waiter))
             elif not waiter.done():
                 waiter.set_result(reply)
-        if replies[0] is not None and not absent:
+        if replies[0] is not None:
+            if absent:  # the leader's hit does not wait for the others' second look
+                task = asyncio.get_running_loop().create_task(self._read_again_for(batches, absent))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return replies[0]
-        reads = ([keys] if replies[0] is None else []) + [other for other, _ in absent]
-        try:
-            again = await self._read_again(batches, reads)
-        except BaseException as exc:
-            _hand(absent, _READ_ALONE if not isinstance(exc, Exception) else exc)
-            raise
-        mine = again.pop(0) if replies[0] is None else replies[0]
-        for (_, waiter), reply in zip(absent, again, strict=True):
-            if not waiter.done():
-                waiter.set_result(reply)
+        absent.insert(0, (keys, asyncio.get_running_loop().create_future()))
+        await self._read_again_for(batches, absent)
+        mine = absent[0][1].result()
+        if mine is _READ_ALONE:
+            raise asyncio.CancelledError
         if isinstance(mine, Exception):
             raise mine
         return mine
+
+    async def _read_again_for(
+        self, batches: _Batches, absent: list[tuple[tuple[str, ...], asyncio.Future[Any]]]
+    ) -> None:
+        """Read again the keys that a batched command answered nil for, in
+        one pipeline, and hand each its reply (or the pipeline's error)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                again = await self._read_again(batches, [keys for keys, _ in absent])
+        except BaseException as exc:
+            _hand(absent, exc if isinstance(exc, Exception) else _READ_ALONE)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, waiter), reply in zip(absent, again, strict=True):
+            if not waiter.done():
+                waiter.set_result(reply)
 
     async def _read_again(self, batches: _Batches, reads: list[tuple[str, ...]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -1165,6 +1182,9 @@ class RedisTier:
             return None
 
     async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.breaker.aclose()
         if self._owns_client:
             await self._call("close", self._client.aclose(close_connection_pool=True))

@@ -157,61 +157,94 @@ def _sketch(vectors: npt.NDArray[Any], words: int) -> npt.NDArray[np.uint64]:
     return np.ascontiguousarray(bits).view(np.uint64)
 
 
+class _Rows:
+    """The arrays of an index as one search sees them: replaced whole (one
+    assignment) when they are reallocated, so a search in another thread
+    never mixes two generations. Rows past ``size`` are not part of it."""
+
+    __slots__ = ("expires", "keys", "numbers", "size", "sketches", "vectors")
+
+    def __init__(
+        self,
+        vectors: npt.NDArray[Any],
+        sketches: npt.NDArray[np.uint64],
+        expires: npt.NDArray[np.float64],
+        keys: list[str],
+        numbers: list[str],
+        size: int,
+    ) -> None:
+        self.vectors = vectors
+        self.sketches = sketches
+        self.expires = expires
+        self.keys = keys
+        self.numbers = numbers
+        self.size = size
+
+
 class VectorIndex:
     """Unit vectors of one partition, each with its entry key and expiry.
 
     Mutated only on the event loop; ``search`` may run in a worker thread at
-    the same time. That is safe because rows are only appended past the
-    size a search took at its start, arrays are replaced (never resized in
-    place) when they grow, and removal only lowers a row's expiry.
+    the same time. That is safe because a search reads one :class:`_Rows`
+    snapshot (taken in one read): rows are only written past the snapshot's
+    size before a new snapshot publishes them, reallocation and compaction
+    build new arrays and publish them in one assignment, and removal only
+    lowers a row's expiry (a search that still sees the old value may return
+    the row; the caller verifies every candidate against its entry).
     """
 
     def __init__(self, dimensions: int, *, dtype: str = "float16") -> None:
         self.dimensions = dimensions
         self.dtype = np.dtype(dtype)
         self._words = (dimensions + 63) // 64
-        self._vectors = np.zeros((0, dimensions), self.dtype)
-        self._sketches = np.zeros((0, self._words), np.uint64)
-        self._expires = np.zeros(0, np.float64)
-        self._keys: list[str] = []
-        self._numbers: list[str] = []
+        self._state = _Rows(
+            np.zeros((0, dimensions), self.dtype),
+            np.zeros((0, self._words), np.uint64),
+            np.zeros(0, np.float64),
+            [],
+            [],
+            0,
+        )
         self._rows: dict[str, int] = {}
-        self._size = 0
         self.removed = 0  # rows removed or replaced, still in the arrays
 
     def __len__(self) -> int:
-        return self._size - self.removed
+        return self._state.size - self.removed
 
     @property
     def rows(self) -> int:
-        return self._size
+        return self._state.size
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the arrays (capacity included), the keys and the map."""
-        keys = sum(len(k) + 49 for k in self._keys)  # a str of ASCII: 49 bytes + its length
+        state = self._state
+        keys = sum(len(k) + 49 for k in state.keys)  # a str of ASCII: 49 bytes + its length
         return (
-            self._vectors.nbytes
-            + self._sketches.nbytes
-            + self._expires.nbytes
+            state.vectors.nbytes
+            + state.sketches.nbytes
+            + state.expires.nbytes
             + keys
-            + 16 * len(self._keys)  # the lists' pointers (keys, number signatures)
+            + 16 * len(state.keys)  # the lists' pointers (keys, number signatures)
             + _dict_bytes(len(self._rows))
         )
 
-    def _reserve(self, extra: int) -> None:
-        needed = self._size + extra
-        capacity = self._vectors.shape[0]
+    def _reserve(self, extra: int) -> _Rows:
+        state = self._state
+        needed = state.size + extra
+        capacity = state.vectors.shape[0]
         if needed <= capacity:
-            return
+            return state
         capacity = max(needed, capacity + capacity // 2, 64)
+        size = state.size
         vectors = np.zeros((capacity, self.dimensions), self.dtype)
-        vectors[: self._size] = self._vectors[: self._size]
+        vectors[:size] = state.vectors[:size]
         sketches = np.zeros((capacity, self._words), np.uint64)
-        sketches[: self._size] = self._sketches[: self._size]
+        sketches[:size] = state.sketches[:size]
         expires = np.zeros(capacity, np.float64)
-        expires[: self._size] = self._expires[: self._size]
-        self._vectors, self._sketches, self._expires = vectors, sketches, expires
+        expires[:size] = state.expires[:size]
+        self._state = _Rows(vectors, sketches, expires, state.keys, state.numbers, size)
+        return self._state
 
     def add(self, key: str, vector: Vectors, expires_at: float, numbers: str = "") -> None:
         self.add_many([key], vector.reshape(1, -1), np.array([expires_at], np.float64), [numbers])
@@ -228,79 +261,92 @@ class VectorIndex:
         if vectors.shape != (len(keys), self.dimensions):
             raise ValueError(f"vectors of shape {vectors.shape} for {len(keys)} keys of {self.dimensions}")
         stored = vectors.astype(self.dtype)
-        fresh: list[int] = []
+        state = self._state
+        fresh: dict[str, int] = {}  # key -> its position in this call (the last one wins)
         for i, key in enumerate(keys):
             row = self._rows.get(key)
             if row is not None:
-                if np.array_equal(self._vectors[row], stored[i]):
-                    self._expires[row] = max(self._expires[row], expires[i])
+                if np.allclose(state.vectors[row], stored[i], atol=2e-3):
+                    state.expires[row] = max(state.expires[row], expires[i])
                     continue
-                self._expires[row] = 0.0
+                state.expires[row] = 0.0
                 self.removed += 1
                 del self._rows[key]
-            fresh.append(i)
+            fresh[key] = i
         if not fresh:
             return
-        self._reserve(len(fresh))
-        start, end = self._size, self._size + len(fresh)
-        self._vectors[start:end] = stored[fresh]
-        self._sketches[start:end] = _sketch(stored[fresh], self._words)
-        self._expires[start:end] = expires[fresh]
-        for offset, i in enumerate(fresh):
-            key = keys[i]
-            if key in self._rows:  # the same key twice in one call: the last wins
-                self._expires[self._rows[key]] = 0.0
-                self.removed += 1
-            self._keys.append(key)
-            self._numbers.append(sys.intern(numbers[i]) if numbers else "")
+        state = self._reserve(len(fresh))
+        start, end = state.size, state.size + len(fresh)
+        chosen = list(fresh.values())
+        state.vectors[start:end] = stored[chosen]
+        state.sketches[start:end] = _sketch(stored[chosen], self._words)
+        state.expires[start:end] = expires[chosen]
+        for offset, (key, i) in enumerate(fresh.items()):
+            state.keys.append(key)
+            state.numbers.append(sys.intern(numbers[i]) if numbers else "")
             self._rows[key] = start + offset
-        self._size = end
+        # Published last: a search sees the new rows only once they are whole.
+        self._state = _Rows(state.vectors, state.sketches, state.expires, state.keys, state.numbers, end)
 
     def remove(self, key: str) -> bool:
         row = self._rows.pop(key, None)
         if row is None:
             return False
-        self._expires[row] = 0.0
+        self._state.expires[row] = 0.0
         self.removed += 1
         return True
+
+    def expired(self, now: float) -> int:
+        """Rows past their expiry and not yet removed (one pass over the expiries)."""
+        state = self._state
+        return int(np.count_nonzero(state.expires[: state.size] <= now)) - self.removed
 
     def search(
         self, query: Vectors, now: float, *, limit: int, exact_below: int, candidates: int
     ) -> list[Candidate]:
         """The ``limit`` most similar unexpired rows, best first (any similarity)."""
-        size = self._size
+        state = self._state
+        size = state.size
         if size == 0:
             return []
-        vectors, sketches, expires, keys = self._vectors, self._sketches, self._expires, self._keys
-        numbers = self._numbers
         if size <= exact_below:
             rows = np.arange(size)
-            similarities = vectors[:size].astype(np.float32) @ query
+            similarities = state.vectors[:size].astype(np.float32) @ query
         else:
-            rows = _nearest_sketches(sketches[:size], _sketch(query, self._words), candidates)
-            similarities = vectors[rows].astype(np.float32) @ query
-        similarities = np.where(expires[rows] > now, similarities, -np.inf)
+            rows = _nearest_sketches(state.sketches[:size], _sketch(query, self._words), candidates)
+            similarities = state.vectors[rows].astype(np.float32) @ query
+        similarities = np.where(state.expires[rows] > now, similarities, -np.inf)
         order = np.argsort(-similarities)[:limit]
         return [
-            Candidate(keys[int(rows[i])], float(similarities[i]), numbers[int(rows[i])])
+            Candidate(state.keys[int(rows[i])], float(similarities[i]), state.numbers[int(rows[i])])
             for i in order
             if similarities[i] > -np.inf
         ]
 
-    def compact(self, keep: int | None = None) -> None:
-        """Drop removed rows; with ``keep``, also the oldest rows beyond it."""
+    def compact(self, now: float = 0.0, keep: int | None = None) -> None:
+        """Drop removed rows and rows expired by ``now``; with ``keep``, also
+        the oldest rows beyond it."""
+        state = self._state
         live = np.fromiter(sorted(self._rows.values()), np.int64, len(self._rows))
+        expired = live[state.expires[live] <= now]
+        for row in expired:
+            del self._rows[state.keys[int(row)]]
+        live = live[state.expires[live] > now]
         if keep is not None and len(live) > keep:
             for row in live[: len(live) - keep]:
-                del self._rows[self._keys[int(row)]]
+                del self._rows[state.keys[int(row)]]
             live = live[len(live) - keep :]
-        self._vectors = self._vectors[live].copy()
-        self._sketches = self._sketches[live].copy()
-        self._expires = self._expires[live].copy()
-        self._keys = [self._keys[int(row)] for row in live]
-        self._numbers = [self._numbers[int(row)] for row in live]
-        self._rows = {key: row for row, key in enumerate(self._keys)}
-        self._size = len(live)
+        keys = [state.keys[int(row)] for row in live]
+        numbers = [state.numbers[int(row)] for row in live]
+        self._state = _Rows(
+            state.vectors[live].copy(),
+            state.sketches[live].copy(),
+            state.expires[live].copy(),
+            keys,
+            numbers,
+            len(live),
+        )
+        self._rows = {key: row for row, key in enumerate(keys)}
         self.removed = 0
 
 
@@ -348,6 +394,7 @@ class _Partition:
     index: VectorIndex | None = None
     last_id: str = "-"
     syncing: asyncio.Task[None] | None = None
+    added: int = 0  # rows added since the last look at removed and expired ones
 
 
 class SemanticTier:
@@ -394,6 +441,7 @@ class SemanticTier:
             if partition.syncing is not None:
                 partition.syncing.cancel()
         self._partitions.clear()
+        self._rows = 0
 
     def _partition(self, name: str) -> _Partition:
         version = self._redis.version if self._redis is not None else None
@@ -460,10 +508,15 @@ class SemanticTier:
         before = index.rows
         index.add_many(keys, vectors, expires, numbers)
         self._rows += index.rows - before
-        if index.removed > max(1024, len(index)):
-            self._rows -= index.rows
-            index.compact()
-            self._rows += index.rows
+        partition.added += index.rows - before
+        if partition.added >= max(1024, len(index) // 4):
+            # Now and then (not at every add: it is a pass over the rows),
+            # drop the removed and expired rows once they are many.
+            partition.added = 0
+            if index.removed + index.expired(time.time()) > max(1024, len(index) // 2):
+                self._rows -= index.rows
+                index.compact(time.time())
+                self._rows += index.rows
         self._bound()
 
     def _bound(self) -> None:
@@ -479,8 +532,9 @@ class SemanticTier:
         if self._rows > self._max_entries and self._partitions:
             index = next(iter(self._partitions.values())).index
             if index is not None:
+                # Down to 90%: room for the next adds before compacting again.
                 self._rows -= index.rows
-                index.compact(keep=self._max_entries)
+                index.compact(time.time(), keep=self._max_entries * 9 // 10)
                 self._rows += index.rows
 
     async def _catch_up(self, partition: _Partition) -> None:
@@ -495,8 +549,9 @@ class SemanticTier:
                 "semantic", "cannot read new vectors from Redis, searching what is here: %s", exc
             )
         except asyncio.CancelledError:
-            if not syncing.cancelled():
-                raise  # this caller was cancelled; the partition's sync was (dropped) otherwise
+            task = asyncio.current_task()
+            if not syncing.cancelled() or (task is not None and task.cancelling()):
+                raise  # this caller was cancelled (not only the partition's sync, dropped meanwhile)
 
     async def _read_new(self, partition: _Partition) -> None:
         assert self._redis is not None
@@ -520,11 +575,19 @@ class SemanticTier:
                 expires.append(parsed[2])
                 numbers.append(parsed[3])
             if rows:
-                dims = {row.shape[0] for row in rows}
-                if len(dims) == 1:
-                    self._insert(partition, keys, np.stack(rows), np.array(expires, np.float64), numbers)
-                else:
-                    self.records_skipped += len(rows)
+                # Vectors of the partition's dimensions only (of the first
+                # record's, for a new partition): any other is not ours.
+                dims = partition.index.dimensions if partition.index is not None else rows[0].shape[0]
+                kept = [i for i, row in enumerate(rows) if row.shape[0] == dims]
+                self.records_skipped += len(rows) - len(kept)
+                if kept:
+                    self._insert(
+                        partition,
+                        [keys[i] for i in kept],
+                        np.stack([rows[i] for i in kept]),
+                        np.array([expires[i] for i in kept], np.float64),
+                        [numbers[i] for i in kept],
+                    )
             if len(records) < _SYNC_BATCH:
                 return
             if time.monotonic() - started > 0.05:
