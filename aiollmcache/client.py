@@ -53,6 +53,7 @@ from .invalidation import (
     validate_tag,
 )
 from .policy import Decision, State, decide, early_refresh_at
+from .pricing import PriceTable
 from .request import ChatRequest, SemanticQuery, build_chat_request, semantic_query, system_text
 from .stats import Stats
 from .streaming import CachedStream, ChunkLog, ChunkWriter, assemble, replay
@@ -204,6 +205,11 @@ class CacheResult:
         """The first choice's message content ('' when it has none, e.g. tool calls only)."""
         return self._entry.text
 
+    @property
+    def json(self) -> bytes:
+        """The response as the provider sent it, JSON bytes."""
+        return self._entry.raw
+
     def __repr__(self) -> str:
         return (
             f"CacheResult(source={self.source.value!r}, key={self.key!r}, age={self.age:.3f}, "
@@ -259,7 +265,10 @@ class LLMCache:
     outages: ``breaker_failures`` (failures in a row that make the cache skip
     Redis, 0: never), ``breaker_probe_interval``; ``encryption_key`` (16, 24
     or 32 bytes: answers sealed with AES-GCM in Redis); ``redis_batching``
-    (concurrent Redis reads share a round trip). See the README and ``docs/``.
+    (concurrent Redis reads share a round trip); ``semantic`` (a
+    ``SemanticConfig``: paraphrases answered from the cache); ``prices``
+    (``{model prefix: (input, output) USD per million tokens}``, for
+    ``stats()["cost_saved_usd"]``). See the README and ``docs/``.
     """
 
     def __init__(
@@ -295,6 +304,7 @@ class LLMCache:
         encryption_key: bytes | None = None,
         redis_batching: bool = True,
         semantic: SemanticConfig | None = None,
+        prices: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
             raise ConfigurationError("pass redis_url= or redis=, not both")
@@ -393,6 +403,7 @@ class LLMCache:
         self._streams: dict[str, ChunkLog] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stats = Stats()
+        self._prices = PriceTable(prices)
         self._semantic_config = semantic
         self._embeddings: Embeddings | None = None
         self._semantic: SemanticTier | None = None
@@ -557,6 +568,10 @@ class LLMCache:
         return self._state == _CLOSED
 
     @property
+    def namespace(self) -> str:
+        return self._namespace
+
+    @property
     def model(self) -> str | None:
         """The default model, used when a request names none."""
         return self._model
@@ -584,7 +599,21 @@ class LLMCache:
         request = build_chat_request(
             messages, params, default_model=self._model, upstream_scope=self._upstream_scope
         )
-        return await self._complete(request, cache, self._upstream)
+        return await self._complete_timed(request, cache, self._upstream)
+
+    async def _complete_timed(
+        self, request: ChatRequest, control: CacheControl | None, upstream: Upstream | None
+    ) -> CacheResult:
+        started = time.perf_counter()
+        result = await self._complete(request, control, upstream)
+        self._stats.observe(result.source.value, time.perf_counter() - started)
+        return result
+
+    def _request(self, messages: object, params: Mapping[str, Any], upstream: Upstream) -> ChatRequest:
+        """A validated request keyed for ``upstream`` (the proxy's)."""
+        return build_chat_request(
+            messages, params, default_model=self._model, upstream_scope=upstream_scope(upstream)
+        )
 
     def key_for(
         self, messages: Sequence[Mapping[str, Any]], *, model: str | None = None, **params: Any
@@ -1516,6 +1545,11 @@ class LLMCache:
             self._schedule_refresh(entry, *refresh)
         self._stats.tokens_saved_prompt += entry.prompt_tokens
         self._stats.tokens_saved_completion += entry.completion_tokens
+        cost = self._prices.cost(entry.model, entry.prompt_tokens, entry.completion_tokens)
+        if cost is None:
+            self._stats.unpriced_hits += 1
+        else:
+            self._stats.cost_saved_usd += cost
         return CacheResult(entry, source, entry.age(now), coalesced, stale, similarity)
 
     def _schedule_refresh(self, entry: Entry, request: ChatRequest, upstream: Upstream) -> None:

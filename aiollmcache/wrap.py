@@ -40,7 +40,7 @@ class _Completions:
         )
         if streaming:
             return self._cache._stream(request, cache, self._upstream)
-        result = await self._cache._complete(request, cache, self._upstream)
+        result = await self._cache._complete_timed(request, cache, self._upstream)
         response: ChatCompletion = result.response
         return response
 
