@@ -1,8 +1,11 @@
-"""Command line: ``aiollmcache demo`` and ``aiollmcache invalidate``.
+"""Command line: ``aiollmcache demo``, ``serve``, ``stats`` and ``invalidate``.
 
 ``demo`` fires a burst of concurrent chat requests over a set of prompts at a
 local FakeOpenAI server with realistic latency, once straight to the model and
 then through the cache (cold, then warm), and prints what each cost.
+
+``serve`` runs the OpenAI-compatible caching proxy (the ``server`` extra);
+``stats`` prints a running proxy's counters.
 
 ``invalidate`` retires cached answers by key, tag, pattern or all at once, in
 Redis and in the memory tier of every process using it.
@@ -169,6 +172,108 @@ async def _invalidate(args: argparse.Namespace) -> str:
     return f"namespace {args.namespace!r}: {retired} {'entry' if retired == 1 else 'entries'} retired"
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+        from openai import AsyncOpenAI
+
+        from .server import create_app
+    except ImportError as exc:
+        print(
+            f"aiollmcache serve needs the server extra: pip install 'aiollmcache[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return 1
+    if not os.environ.get("OPENAI_API_KEY") and not args.pass_api_key:
+        print("aiollmcache serve: set OPENAI_API_KEY (or pass --pass-api-key)", file=sys.stderr)
+        return 1
+
+    async def run() -> None:
+        client = AsyncOpenAI(
+            base_url=args.upstream_base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unset"
+        )
+        async with LLMCache(
+            redis_url=args.redis_url, openai=client, model=args.model, namespace=args.namespace, ttl=args.ttl
+        ) as cache:
+            await cache.open()
+            app = create_app(cache, client, admin_token=args.admin_token, pass_api_key=args.pass_api_key)
+            config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off", access_log=False)
+            await uvicorn.Server(config).serve()
+        await client.close()
+
+    asyncio.run(run())
+    return 0
+
+
+_STATS_ROWS = (
+    ("requests", "requests"),
+    ("hits, memory", "hits_memory"),
+    ("hits, redis", "hits_redis"),
+    ("hits, semantic", "hits_semantic"),
+    ("coalesced (this process)", "coalesced"),
+    ("coalesced (other processes)", "coalesced_remote"),
+    ("model calls", "upstream_calls"),
+    ("model errors", "upstream_errors"),
+    ("stale served", "stale_served"),
+    ("refreshes", "refreshes"),
+    ("redis errors", "redis_errors"),
+    ("corrupt entries", "corrupt_entries"),
+    ("hit rate", "hit_rate"),
+    ("tokens saved, prompt", "tokens_saved_prompt"),
+    ("tokens saved, completion", "tokens_saved_completion"),
+    ("cost saved, USD (estimate)", "cost_saved_usd"),
+    ("memory entries", "memory_entries"),
+    ("redis circuit open", "redis_breaker_open"),
+)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(args.url.rstrip("/") + "/cache/stats")
+    if args.admin_token:
+        request.add_header("Authorization", f"Bearer {args.admin_token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            snapshot = json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"aiollmcache stats: cannot read {args.url}/cache/stats: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    rows = []
+    for label, name in _STATS_ROWS:
+        value = snapshot.get(name)
+        if value is None:
+            continue
+        text = (
+            f"{value:.1%}"
+            if name == "hit_rate"
+            else f"{value:,.4f}"
+            if isinstance(value, float)
+            else f"{value:,}"
+        )
+        rows.append((label, text))
+    print(format_table(("counter", "value"), rows))
+    latency = snapshot.get("latency") or {}
+    lines = [
+        (source, f"{s['count']:,}", _ms(s.get("mean_ms")), _ms(s.get("p50_ms")), _ms(s.get("p99_ms")))
+        for source, s in latency.items()
+        if s.get("count")
+    ]
+    if lines:
+        print()
+        print(format_table(("answered from", "calls", "mean ms", "p50 ms (<=)", "p99 ms (<=)"), lines))
+    return 0
+
+
+def _ms(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aiollmcache", description=__doc__.split("\n\n")[0] if __doc__ else None
@@ -199,7 +304,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     inv.add_argument("--system", help="pattern: glob on the system prompt")
     inv.add_argument("--system-contains", help="pattern: text in the system prompt")
     inv.add_argument("--key-glob", help="pattern: glob on the cache key")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible caching proxy")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--redis-url", default=os.environ.get("AIOLLMCACHE_REDIS_URL"), help="default: memory only"
+    )
+    serve.add_argument("--namespace", default=os.environ.get("AIOLLMCACHE_NAMESPACE", "default"))
+    serve.add_argument(
+        "--upstream-base-url", default=os.environ.get("OPENAI_BASE_URL"), help="default: OpenAI"
+    )
+    serve.add_argument("--model", default=None, help="model for requests that name none")
+    serve.add_argument("--ttl", type=float, default=3600.0)
+    serve.add_argument(
+        "--admin-token",
+        default=os.environ.get("AIOLLMCACHE_ADMIN_TOKEN"),
+        help="required (as a bearer token) by /cache/stats and /cache/invalidate",
+    )
+    serve.add_argument(
+        "--pass-api-key", action="store_true", help="send each caller's own bearer key upstream"
+    )
+    stats = sub.add_parser("stats", help="print a running proxy's counters")
+    stats.add_argument("--url", default="http://127.0.0.1:8080", help="the proxy (default %(default)s)")
+    stats.add_argument("--admin-token", default=os.environ.get("AIOLLMCACHE_ADMIN_TOKEN"))
+    stats.add_argument("--json", action="store_true", help="the raw JSON")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "stats":
+        return _stats(args)
     if args.command == "invalidate":
         if not args.redis_url:
             parser.error("invalidate: give --redis-url or set AIOLLMCACHE_REDIS_URL")

@@ -64,3 +64,60 @@ def test_invalidate_reports_bad_arguments_and_an_unreachable_redis(
     assert "32 lowercase hex" in capsys.readouterr().err
     assert main(["invalidate", "--redis-url", "redis://127.0.0.1:1/0", "--everything"]) == 1
     assert "redis" in capsys.readouterr().err.lower()
+
+
+def test_serve_and_stats_in_real_processes(redis_server: RedisServer, namespace: str) -> None:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from openai import OpenAI
+
+    from aiollmcache.testing import FakeOpenAI
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with FakeOpenAI() as fake:
+        env = {**os.environ, "OPENAI_API_KEY": "test-key"}
+        argv = [
+            sys.executable, "-m", "aiollmcache", "serve", "--port", str(port),
+            "--redis-url", redis_server.url, "--namespace", namespace,
+            "--upstream-base-url", fake.base_url, "--admin-token", "tok",
+        ]  # fmt: skip
+        proxy = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+        try:
+            client = OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            deadline = time.monotonic() + 30
+            while True:  # the proxy's own readiness: its health endpoint answers
+                try:
+                    with urllib.request.urlopen(f"{url}/healthz", timeout=1) as health:
+                        assert json.loads(health.read())["status"] == "ok"
+                    break
+                except OSError:
+                    assert proxy.poll() is None and time.monotonic() < deadline, "the proxy did not start"
+                    time.sleep(0.05)
+            for _ in range(3):
+                answer = client.chat.completions.create(
+                    model="test-model", messages=[{"role": "user", "content": "q"}]
+                )
+                assert answer.choices[0].message.content == "Answer to: q"
+            assert fake.calls("q") == 1
+            stats = [sys.executable, "-m", "aiollmcache", "stats", "--url", url, "--admin-token", "tok"]
+            table = subprocess.run(stats, capture_output=True, text=True, check=True).stdout
+            assert re.search(r"hits, memory\s+2\b", table) and re.search(r"model calls\s+1\b", table)
+            raw = subprocess.run([*stats, "--json"], capture_output=True, text=True, check=True).stdout
+            assert json.loads(raw)["hits_memory"] == 2
+            refused = subprocess.run(stats[:-2], capture_output=True, text=True)
+            assert refused.returncode == 1 and "401" in refused.stderr
+            client.close()
+        finally:
+            proxy.terminate()
+            proxy.wait(10)
+            assert proxy.stderr is not None
+            proxy.stderr.close()
