@@ -252,7 +252,7 @@ def _stats(args: argparse.Namespace) -> int:
         text = (
             f"{value:.1%}"
             if name == "hit_rate"
-            else f"{value:,.4f}"
+            else f"{value:,.6f}"
             if isinstance(value, float)
             else f"{value:,}"
         )

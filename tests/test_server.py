@@ -100,12 +100,14 @@ async def test_streams_through_the_proxy(start_proxy: Callable[..., Any], fake: 
                 stream=True,  # type: ignore[arg-type]
             ) as response:
                 assert response.headers["x-aiollmcache"] == expected
+                lines = [line async for line in response.iter_lines() if line]
+                assert lines[-1] == "data: [DONE]"
             stream = await client.chat.completions.create(
                 model=MODEL, messages=user("stream me"), stream=True
             )  # type: ignore[arg-type]
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
             assert text == "Answer to: stream me"
-        assert fake.calls("stream me") == 1
+        assert fake.calls("stream me") == 1  # the second and later streams are replays
     finally:
         await client.close()
 
