@@ -189,16 +189,42 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
     async def run() -> None:
-        client = AsyncOpenAI(
-            base_url=args.upstream_base_url, api_key=os.environ.get("OPENAI_API_KEY") or "unset"
-        )
-        async with LLMCache(
-            redis_url=args.redis_url, openai=client, model=args.model, namespace=args.namespace, ttl=args.ttl
-        ) as cache:
+        api_key = os.environ.get("OPENAI_API_KEY") or "unset"
+        client = AsyncOpenAI(base_url=args.upstream_base_url, api_key=api_key)
+
+        def build(namespace: str) -> LLMCache:
+            return LLMCache(
+                redis_url=args.redis_url, openai=client, model=args.model, namespace=namespace, ttl=args.ttl
+            )
+
+        others: dict[str, LLMCache] = {}
+
+        async def namespaces(name: str) -> LLMCache:
+            found = others.get(name)
+            if found is None:
+                if len(others) >= args.max_namespaces:
+                    raise InvalidRequestError(
+                        f"namespace {name!r}: this proxy serves {args.max_namespaces} others at most"
+                    )
+                found = others[name] = build(name)
+                await found.open()
+            return found
+
+        async with build(args.namespace) as cache:
             await cache.open()
-            app = create_app(cache, client, admin_token=args.admin_token, pass_api_key=args.pass_api_key)
+            app = create_app(
+                cache,
+                client,
+                admin_token=args.admin_token,
+                pass_api_key=args.pass_api_key,
+                namespaces=namespaces,
+            )
             config = uvicorn.Config(app, host=args.host, port=args.port, lifespan="off", access_log=False)
-            await uvicorn.Server(config).serve()
+            try:
+                await uvicorn.Server(config).serve()
+            finally:
+                for other in others.values():
+                    await other.aclose()
         await client.close()
 
     asyncio.run(run())
@@ -270,6 +296,55 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCHMARKS = {
+    "stampede": "stampede.py",
+    "hits": "hit_latency.py",
+    "freshness": "freshness.py",
+    "throughput": "throughput.py",
+    "invalidation": "invalidation.py",
+    "outage": "outage.py",
+    "semantic": "semantic.py",
+    "streaming": "streaming.py",
+    "proxy": "proxy.py",
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+    import threading
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    script = folder / _BENCHMARKS[args.name]
+    if not script.is_file():
+        print(
+            f"aiollmcache bench: no {script}: the benchmarks come with a source checkout "
+            "(pip install -e . from a clone of the repository)",
+            file=sys.stderr,
+        )
+        return 1
+    options = args.options[1:] if args.options[:1] == ["--"] else args.options
+    proc = subprocess.Popen([sys.executable, str(script), *options], cwd=folder)
+    done = threading.Event()
+
+    def progress() -> None:  # a live line on a terminal: what runs, for how long
+        started = time.monotonic()
+        while not done.wait(0.5):
+            sys.stderr.write(f"\r[aiollmcache bench {args.name}] {time.monotonic() - started:5.0f} s ")
+            sys.stderr.flush()
+        sys.stderr.write("\r" + " " * 40 + "\r")
+
+    ticker = threading.Thread(target=progress, daemon=True) if sys.stderr.isatty() else None
+    if ticker is not None:
+        ticker.start()
+    try:
+        return proc.wait()
+    finally:
+        done.set()
+        if ticker is not None:
+            ticker.join()
+
+
 def _ms(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
@@ -324,6 +399,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument(
         "--pass-api-key", action="store_true", help="send each caller's own bearer key upstream"
     )
+    serve.add_argument(
+        "--max-namespaces",
+        type=int,
+        default=64,
+        help="other namespaces a request may name with x-aiollmcache-namespace (default 64)",
+    )
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark of a source checkout and print its table",
+        description="Runs benchmarks/<name>.py of the source checkout this package was installed "
+        "from; arguments after the name go to the benchmark (e.g. aiollmcache bench hits -- --help).",
+    )
+    bench.add_argument("name", choices=sorted(_BENCHMARKS))
+    bench.add_argument("options", nargs=argparse.REMAINDER)
     stats = sub.add_parser("stats", help="print a running proxy's counters")
     stats.add_argument("--url", default="http://127.0.0.1:8080", help="the proxy (default %(default)s)")
     stats.add_argument("--admin-token", default=os.environ.get("AIOLLMCACHE_ADMIN_TOKEN"))
@@ -333,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args)
     if args.command == "stats":
         return _stats(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "invalidate":
         if not args.redis_url:
             parser.error("invalidate: give --redis-url or set AIOLLMCACHE_REDIS_URL")

@@ -8,7 +8,8 @@ Routes:
   ``x-aiollmcache`` (``hit-memory``, ``hit-redis``, ``hit-semantic``,
   ``coalesced``, ``stale``, ``miss``) and ``x-aiollmcache-key``. Request
   headers: ``Cache-Control: no-cache | no-store | max-age=N``,
-  ``x-aiollmcache-ttl: N``, ``x-aiollmcache-tags: a,b``.
+  ``x-aiollmcache-ttl: N``, ``x-aiollmcache-tags: a,b``,
+  ``x-aiollmcache-namespace: ns`` (when the app was given ``namespaces``).
 - ``GET /v1/models``: passed through to the upstream.
 - ``GET /metrics``: Prometheus text (``prometheus_client``, the ``metrics``
   extra).
@@ -23,7 +24,7 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param",
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import openai
@@ -34,7 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .client import CacheControl, CacheResult, LLMCache, Source
-from .errors import AiollmcacheError, InvalidRequestError
+from .errors import AiollmcacheError, ConfigurationError, InvalidRequestError
 from .invalidation import Pattern
 from .upstream import OpenAIUpstream
 
@@ -97,11 +98,23 @@ def create_app(
     admin_token: str | None = None,
     max_body_bytes: int = 4 * 2**20,
     pass_api_key: bool = False,
+    namespaces: Callable[[str], Awaitable[LLMCache]] | None = None,
 ) -> Starlette:
     """The proxy's ASGI app, answering through ``cache`` and asking ``client``
     on a miss. With ``pass_api_key``, a request's own ``Authorization``
-    bearer key is used for its upstream call (else the client's key)."""
+    bearer key is used for its upstream call (else the client's key). With
+    ``namespaces`` (namespace -> its cache), a request naming a namespace
+    (header ``x-aiollmcache-namespace``, or ``?namespace=`` on the admin
+    routes) is answered by that namespace's cache."""
     upstream = OpenAIUpstream(client)
+
+    async def cache_of(request: Request) -> LLMCache:
+        name = request.headers.get("x-aiollmcache-namespace") or request.query_params.get("namespace")
+        if not name or name == cache.namespace:
+            return cache
+        if namespaces is None:
+            raise InvalidRequestError(f"namespace {name!r}: this proxy serves only {cache.namespace!r}")
+        return await namespaces(name)
 
     def upstream_for(request: Request) -> OpenAIUpstream:
         if pass_api_key:
@@ -150,12 +163,13 @@ def create_app(
         streaming = bool(body.pop("stream", False))
         try:
             control = _control(request)
+            target = await cache_of(request)
             if streaming:
-                chat_request = cache._request(messages, body, upstream)
-                return await _stream(cache._stream(chat_request, control, upstream_for(request)))
-            chat_request = cache._request(messages, body, upstream)
-            result = await cache._complete_timed(chat_request, control, upstream_for(request))
-        except InvalidRequestError as exc:
+                chat_request = target._request(messages, body, upstream)
+                return await _stream(target._stream(chat_request, control, upstream_for(request)))
+            chat_request = target._request(messages, body, upstream)
+            result = await target._complete_timed(chat_request, control, upstream_for(request))
+        except (InvalidRequestError, ConfigurationError) as exc:
             return _error(400, str(exc))
         except openai.APIStatusError as exc:
             return _upstream_error(exc)
@@ -179,7 +193,11 @@ def create_app(
         refused = admin(request)
         if refused is not None:
             return refused
-        return Response(orjson.dumps(cache.stats()), media_type=_JSON)
+        try:
+            target = await cache_of(request)
+        except (InvalidRequestError, ConfigurationError) as exc:
+            return _error(400, str(exc))
+        return Response(orjson.dumps(target.stats()), media_type=_JSON)
 
     async def invalidate(request: Request) -> Response:
         refused = admin(request)
@@ -194,13 +212,14 @@ def create_app(
                 if not isinstance(pattern, Mapping):
                     raise InvalidRequestError("pattern: expected an object")
                 pattern = Pattern(**pattern)
-            deleted = await cache.invalidate(
+            target = await cache_of(request)
+            deleted = await target.invalidate(
                 key=body.get("key"),
                 tag=body.get("tag"),
                 pattern=pattern,
                 everything=bool(body.get("everything", False)),
             )
-        except (InvalidRequestError, TypeError) as exc:
+        except (InvalidRequestError, ConfigurationError, TypeError) as exc:
             return _error(400, str(exc))
         return Response(orjson.dumps({"deleted": deleted}), media_type=_JSON)
 

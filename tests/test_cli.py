@@ -121,3 +121,13 @@ def test_serve_and_stats_in_real_processes(redis_server: RedisServer, namespace:
             proxy.wait(10)
             assert proxy.stderr is not None
             proxy.stderr.close()
+
+
+def test_bench_runs_a_benchmark_and_passes_its_options(
+    tmp_path: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "hits.json"
+    assert main(["bench", "hits", "--", "--iterations", "100", "--json", str(out)]) == 0
+    assert "memory hit" in capfd.readouterr().out
+    assert out.exists()
+    assert main(["bench", "hits", "--", "--no-such-option"]) != 0

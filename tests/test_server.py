@@ -199,3 +199,44 @@ async def test_admin_stats_metrics_and_health(start_proxy: Callable[..., Any], f
         assert {s.labels["source"]: s.value for s in durations}["memory"] == 2
         health = await http.get("/healthz")
         assert health.json()["status"] == "ok"
+
+
+async def test_a_request_can_name_another_namespace(
+    start_proxy: Callable[..., Any], fake: FakeOpenAI, make_cache: Callable[..., LLMCache]
+) -> None:
+    others: dict[str, LLMCache] = {}
+
+    async def namespaces(name: str) -> LLMCache:
+        if name not in others:
+            others[name] = make_cache(namespace=name)
+        return others[name]
+
+    proxy = await start_proxy(namespaces=namespaces)
+    body = {"model": MODEL, "messages": user("ns")}
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        assert (await http.post("/v1/chat/completions", json=body)).headers["x-aiollmcache"] == "miss"
+        tenant = {"x-aiollmcache-namespace": "tenant-b"}
+        first = await http.post("/v1/chat/completions", json=body, headers=tenant)
+        assert first.headers["x-aiollmcache"] == "miss"  # namespaces never share answers
+        again = await http.post("/v1/chat/completions", json=body, headers=tenant)
+        assert again.headers["x-aiollmcache"] == "hit-memory"
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        stats = (await http.get("/cache/stats?namespace=tenant-b", headers=admin)).json()
+        assert stats["hits_memory"] == 1 and stats["upstream_calls"] == 1
+        bad = await http.post("/v1/chat/completions", json=body, headers={"x-aiollmcache-namespace": "a b"})
+        assert bad.status_code == 400
+    assert fake.calls("ns") == 2
+
+
+async def test_without_other_namespaces_naming_one_is_refused(
+    start_proxy: Callable[..., Any], fake: FakeOpenAI
+) -> None:
+    proxy = await start_proxy()
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        response = await http.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": user("x")},
+            headers={"x-aiollmcache-namespace": "elsewhere"},
+        )
+    assert response.status_code == 400 and "serves only" in response.json()["error"]["message"]
+    assert fake.calls() == 0
