@@ -184,6 +184,13 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    args.admin_token = args.admin_token or None  # an empty token is no token
+    if args.admin_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"aiollmcache serve: warning: /cache/stats and /cache/invalidate are open to anyone reaching "
+            f"{args.host}:{args.port}; set --admin-token",
+            file=sys.stderr,
+        )
     if not os.environ.get("OPENAI_API_KEY") and not args.pass_api_key:
         print("aiollmcache serve: set OPENAI_API_KEY (or pass --pass-api-key)", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ task owned by the cache that every caller for the key awaits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import math
 import os
@@ -548,6 +549,9 @@ class LLMCache:
                 await asyncio.wait(set(self._tasks), timeout=self._redis_timeout * 2 + 1)
                 for task in self._tasks:
                     task.cancel()
+        for log in list(self._streams.values()):
+            log.fail(CacheClosedError("this LLMCache was closed while the stream was in flight"))
+        self._streams.clear()
         if self._embeddings is not None:
             await self._embeddings.aclose()
         if self._semantic is not None:
@@ -1122,6 +1126,11 @@ class LLMCache:
                 log.readers += 1
                 self._stats.coalesced += 1
                 return self._read_log(log, include_usage), log.source, True, log
+            if log is not None and log.producer is not None and not log.producer.done():
+                # A stream here is stopping (its readers left): let it give its
+                # lease back, or this one would follow its end.
+                await asyncio.wait([log.producer])
+                continue
             flight = self._flights.get(key)
             if flight is not None:
                 outcome = await flight.wait()
@@ -1141,13 +1150,16 @@ class LLMCache:
             if found is not None:
                 self._serve(found[0], Source.REDIS, now, found[1], refresh)
                 return self._replayed(found[0], include_usage), Source.REDIS, False, None
-            if key not in self._streams:  # (another caller may have started one meanwhile)
-                break
+            existing = self._streams.get(key)
+            if existing is None or existing.error is not None:
+                break  # (else another caller started one meanwhile: join it)
         log = ChunkLog(Source.UPSTREAM)
         log.readers = 1
+        # The task first: a cache that is closing refuses it, and then no
+        # half-made stream is left for others to join.
+        log.producer = self._spawn(self._produce_stream(request, control, upstream, log, shared))
         if shared:
             self._streams[key] = log
-        log.producer = self._spawn(self._produce_stream(request, control, upstream, log, shared))
         return self._read_log(log, include_usage), Source.UPSTREAM, False, log
 
     @staticmethod
@@ -1255,6 +1267,8 @@ class LLMCache:
         skip_entry = False
         epoch = self._epoch
         while True:
+            if loop.time() > deadline:
+                raise WaitTimeoutError(f"another process held the lease of {key} for longer than max_wait")
             token = secrets.token_hex(16)
             try:
                 state = await tier.acquire(key, token, lease_ms, skip_entry=skip_entry)
@@ -1285,16 +1299,21 @@ class LLMCache:
                 writer = ChunkWriter(tier, key, token, lease_ms * 3, self._spawn_cleanup, self._log)
 
                 async def compute(writer: ChunkWriter = writer) -> Entry:
+                    # The last record goes before the lease is released: a
+                    # follower never sees the lease gone with the end unwritten.
                     try:
-                        return await self._stream_upstream(request, control, upstream, log, writer)
+                        entry = await self._stream_upstream(request, control, upstream, log, writer)
                     except BaseException as exc:
                         message = failure_message(exc) if isinstance(exc, Exception) else b"retry"
                         kind = b"fail" if isinstance(exc, Exception) else b"retry"
-                        self._spawn_cleanup(writer.end(kind, message, lease_ms * 3))
+                        ending = self._spawn_cleanup(writer.end(kind, message, lease_ms * 3))
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await asyncio.shield(ending)
                         raise
+                    await writer.end(b"end", b"", _STREAM_KEPT_MS)
+                    return entry
 
                 entry = await coordinator.hold(key, token, compute, self._encode_for_redis)
-                await writer.end(b"end", b"", _STREAM_KEPT_MS)
                 self._remember(entry, time.time(), epoch)
                 log.entry = entry
                 return
@@ -1320,11 +1339,11 @@ class LLMCache:
         last = "0-0"
         received = 0
         try:
-            exists, owner, _ = await tier.lease_holder(key)
+            _, owner, _ = await tier.lease_holder(key)
         except TierError:
             return "retry"
-        if owner is None or exists:
-            return "retry"
+        if owner is None:
+            return "retry"  # free: take it (or find the answer stored)
 
         def take(records: list[tuple[str, bytes, bytes, bytes]]) -> str | None:
             nonlocal last, received
@@ -1360,8 +1379,8 @@ class LLMCache:
                     return ended
                 if records:
                     continue
-                exists, holder, _ = await tier.lease_holder(key)
-                if holder == owner and not (exists and not received):
+                _, holder, _ = await tier.lease_holder(key)
+                if holder == owner:
                     continue
                 if (ended := take(await tier.read_chunks(key, last, None))) is not None:
                     return ended

@@ -35,7 +35,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .client import CacheControl, CacheResult, LLMCache, Source
-from .errors import AiollmcacheError, ConfigurationError, InvalidRequestError
+from .errors import AiollmcacheError, ConfigurationError, InvalidRequestError, RemoteUpstreamError
 from .invalidation import Pattern
 from .upstream import OpenAIUpstream
 
@@ -106,6 +106,8 @@ def create_app(
     ``namespaces`` (namespace -> its cache), a request naming a namespace
     (header ``x-aiollmcache-namespace``, or ``?namespace=`` on the admin
     routes) is answered by that namespace's cache."""
+    if admin_token is not None and not admin_token.strip():
+        raise ConfigurationError("admin_token: empty; pass None to leave the admin routes open")
     upstream = OpenAIUpstream(client)
 
     async def cache_of(request: Request) -> LLMCache:
@@ -175,6 +177,9 @@ def create_app(
             return _upstream_error(exc)
         except openai.APIError as exc:
             return _error(502, f"upstream: {exc}", "api_error")
+        except RemoteUpstreamError as exc:  # the model call another process made failed
+            status = exc.status_code if exc.status_code and 400 <= exc.status_code <= 599 else 502
+            return _error(status, f"upstream: {exc.message}", "api_error", exc.error_type)
         except AiollmcacheError as exc:
             return _error(503, str(exc), "api_error")
         headers = {"x-aiollmcache": _outcome(result), "x-aiollmcache-key": result.key}
@@ -282,4 +287,8 @@ def _upstream_error(exc: openai.APIStatusError) -> Response:
         body = {"error": body}
     if body is None:
         body = {"error": {"message": str(exc), "type": "api_error", "param": None, "code": None}}
-    return Response(orjson.dumps(body), status_code=exc.status_code, media_type=_JSON)
+    headers = {}
+    retry_after = exc.response.headers.get("retry-after")
+    if retry_after is not None:
+        headers["retry-after"] = retry_after
+    return Response(orjson.dumps(body), status_code=exc.status_code, media_type=_JSON, headers=headers)

@@ -66,6 +66,8 @@ class ChunkLog:
         """A reader stopped reading; the last one to go stops the producer."""
         self.readers -= 1
         if self.readers <= 0 and not self.finished and self.producer is not None:
+            # Failed at once, so that no new reader joins what is stopping.
+            self.fail(StreamInterruptedError("the stream was stopped: nobody read it"))
             self.producer.cancel()
 
     def append(self, chunk: ChatCompletionChunk) -> None:

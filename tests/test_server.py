@@ -240,3 +240,30 @@ async def test_without_other_namespaces_naming_one_is_refused(
         )
     assert response.status_code == 400 and "serves only" in response.json()["error"]["message"]
     assert fake.calls() == 0
+
+
+async def test_an_empty_admin_token_is_refused(
+    openai_client: AsyncOpenAI, make_cache: Callable[..., LLMCache]
+) -> None:
+    from aiollmcache import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="admin_token"):
+        create_app(make_cache(), openai_client, admin_token=" ")
+
+
+async def test_an_upstream_error_met_by_another_process_keeps_its_status(
+    start_proxy: Callable[..., Any], fake: FakeOpenAI, make_cache: Callable[..., LLMCache]
+) -> None:
+    proxy = await start_proxy()
+    fake.latency = 0.3
+    fake.fail(429, prompt="busy", message="slow down")
+    elsewhere = make_cache()  # another cache on the same Redis: it takes the lease first
+    leading = asyncio.create_task(elsewhere.complete(user("busy")))
+    await asyncio.to_thread(fake.wait_for_calls, 1, prompt="busy")
+    async with httpx.AsyncClient(base_url=proxy.url) as http:
+        response = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("busy")})
+    assert response.status_code == 429
+    assert "slow down" in response.json()["error"]["message"]
+    with pytest.raises(openai.RateLimitError):
+        await leading
+    assert fake.calls("busy") == 1

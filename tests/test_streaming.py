@@ -285,3 +285,28 @@ async def test_followers_elsewhere_fail_promptly_when_the_leader_dies(
         assert result.source == "upstream"  # nothing partial was stored
     finally:
         await worker.proc.wait()
+
+
+async def test_closing_the_cache_fails_streams_rather_than_leaving_them_hanging(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    fake.chunk_latency = 0.05
+    cache = make_cache(close_timeout=0)
+    first, second = cache.stream(user(PROMPT)), cache.stream(user(PROMPT))
+    reads = [asyncio.create_task(read(first)), asyncio.create_task(read(second))]
+    await asyncio.to_thread(fake.wait_for_calls, 1, prompt=PROMPT)  # streaming from the model
+    await cache.aclose()
+    results = await asyncio.wait_for(asyncio.gather(*reads, return_exceptions=True), 10)
+    assert all(isinstance(r, Exception) for r in results), results
+
+
+async def test_a_stream_asked_for_right_after_everyone_left_starts_afresh(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    fake.chunk_latency = 0.02
+    cache = make_cache()
+    gone = cache.stream(user(PROMPT))
+    await gone.__anext__()
+    await gone.close()
+    text, _ = await read(cache.stream(user(PROMPT)))  # not the stopped one
+    assert text == ANSWER
