@@ -110,8 +110,10 @@ def create_app(
         raise ConfigurationError("admin_token: empty; pass None to leave the admin routes open")
     upstream = OpenAIUpstream(client)
 
-    async def cache_of(request: Request) -> LLMCache:
-        name = request.headers.get("x-aiollmcache-namespace") or request.query_params.get("namespace")
+    async def cache_of(request: Request, *, query: bool = False) -> LLMCache:
+        name = request.headers.get("x-aiollmcache-namespace")
+        if not name and query:  # the admin routes also take ?namespace=
+            name = request.query_params.get("namespace")
         if not name or name == cache.namespace:
             return cache
         if namespaces is None:
@@ -199,7 +201,7 @@ def create_app(
         if refused is not None:
             return refused
         try:
-            target = await cache_of(request)
+            target = await cache_of(request, query=True)
         except (InvalidRequestError, ConfigurationError) as exc:
             return _error(400, str(exc))
         return Response(orjson.dumps(target.stats()), media_type=_JSON)
@@ -217,7 +219,7 @@ def create_app(
                 if not isinstance(pattern, Mapping):
                     raise InvalidRequestError("pattern: expected an object")
                 pattern = Pattern(**pattern)
-            target = await cache_of(request)
+            target = await cache_of(request, query=True)
             deleted = await target.invalidate(
                 key=body.get("key"),
                 tag=body.get("tag"),
