@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
 from .embeddings import Embeddings, OpenAIEmbedder, Vectors
-from .entry import MISSING, Entry
+from .entry import MISSING, Entry, _Missing
 from .errors import (
     CacheClosedError,
     ConfigurationError,
@@ -43,7 +43,7 @@ from .errors import (
     TierUnavailableError,
     WaitTimeoutError,
 )
-from .flight import RETRY, Coordinator, Flights, LeaseSettings, failure_message, remote_error
+from .flight import RETRY, Coordinator, Flight, Flights, LeaseSettings, failure_message, remote_error
 from .invalidation import (
     Invalidation,
     InvalidationBus,
@@ -833,10 +833,8 @@ class LLMCache:
 
             flight = self._flights.get(key)
             if flight is not None:
-                outcome = await flight.wait()
-                if outcome is RETRY:
-                    if self._state == _CLOSED:
-                        raise CacheClosedError("this LLMCache was closed while the request was in flight")
+                outcome = await self._wait_flight(flight)
+                if outcome is None:
                     continue
                 entry, source, _, similarity = outcome
                 now = time.time()
@@ -904,21 +902,12 @@ class LLMCache:
         if tier is None:
             return None
         epoch = self._epoch
-        try:
+        if tier.version is None:
+            await self._load_version()
             if tier.version is None:
-                await self._load_version()
-                if tier.version is None:
-                    return None
-            entry = await tier.get(key)
-        except CorruptEntryError as exc:
-            self._stats.corrupt_entries += 1
-            self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
-            return None
-        except TierUnavailableError as exc:
-            self._stats.redis_errors += 1
-            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
-            return None
-        if entry is MISSING:
+                return None
+        entry = await self._read_tier(tier, key)
+        if entry is None or entry is MISSING:
             return None
         decision = self._decide(entry, now, control)
         if not decision.servable:
@@ -926,6 +915,30 @@ class LLMCache:
         self._stats.hits_redis += 1
         self._remember(entry, now, epoch)
         return entry, decision
+
+    async def _read_tier(self, tier: RedisTier, key: str) -> Entry | _Missing | None:
+        """The entry at ``key`` in Redis; MISSING if there is none or it was
+        corrupt (dropped, counted); None if Redis could not be read (counted)."""
+        try:
+            return await tier.get(key)
+        except CorruptEntryError as exc:
+            self._stats.corrupt_entries += 1
+            self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
+            return MISSING
+        except TierUnavailableError as exc:
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+            return None
+
+    async def _wait_flight(self, flight: Flight[_Outcome]) -> _Outcome | None:
+        """The outcome of an identical call in flight here; None when it gave
+        up (its task was cancelled): look again."""
+        outcome = await flight.wait()
+        if outcome is RETRY:
+            if self._state == _CLOSED:
+                raise CacheClosedError("this LLMCache was closed while the request was in flight")
+            return None
+        return outcome
 
     async def _load_version(self) -> None:
         # Until the version is known the Redis tier is skipped (an entry of a
@@ -1133,10 +1146,8 @@ class LLMCache:
                 continue
             flight = self._flights.get(key)
             if flight is not None:
-                outcome = await flight.wait()
-                if outcome is RETRY:
-                    if self._state == _CLOSED:
-                        raise CacheClosedError("this LLMCache was closed while the request was in flight")
+                outcome = await self._wait_flight(flight)
+                if outcome is None:
                     continue
                 entry, source, _, _ = outcome
                 now = time.time()
@@ -1464,16 +1475,10 @@ class LLMCache:
         assert self._semantic is not None
         entry = self._memory.get(key)
         if entry is MISSING and self._redis is not None and self._redis.version is not None:
-            try:
-                entry = await self._redis.get(key)
-            except CorruptEntryError as exc:
-                self._stats.corrupt_entries += 1
-                self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
-                entry = MISSING
-            except TierUnavailableError as exc:
-                self._stats.redis_errors += 1
-                self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
-                return None
+            read = await self._read_tier(self._redis, key)
+            if read is None:
+                return None  # Redis unreachable: not known to be gone
+            entry = read
             if entry is not MISSING:
                 self._remember(entry, now, epoch)
         if entry is MISSING:

@@ -225,12 +225,9 @@ class Embeddings:
                 )
         except BaseException as exc:
             self.failures += 1
-            error = exc if isinstance(exc, EmbeddingError) else _embedding_error(exc, self._timeout)
-            for text in texts:
-                waiting = self._pending.pop(text, None)
-                if waiting is not None and not waiting.done():
-                    waiting.set_exception(error)
-                    waiting.exception()  # retrieved: a caller may have gone
+            self._fail(
+                texts, exc if isinstance(exc, EmbeddingError) else _embedding_error(exc, self._timeout)
+            )
             if not isinstance(exc, Exception):
                 raise
             return

@@ -274,7 +274,7 @@ class Coordinator:
                 if state is True:
                     if waited:
                         self.stats.takeovers += 1
-                    return await self._hold(key, token, compute, encode), "computed"
+                    return await self.hold(key, token, compute, encode), "computed"
                 if isinstance(state, Entry):
                     if not accept(state):
                         skip_entry = True
@@ -336,15 +336,6 @@ class Coordinator:
         """Call ``compute`` under the lease ``token`` holds (just acquired with
         :meth:`RedisTier.acquire`): renewed meanwhile, then the entry written
         and the waiters woken; on failure, the lease given back with the error."""
-        return await self._hold(key, token, compute, encode)
-
-    async def _hold(
-        self,
-        key: str,
-        token: str,
-        compute: Callable[[], Awaitable[Entry]],
-        encode: Callable[[Entry], bytes | None],
-    ) -> Entry:
         self.stats.held += 1
         renewer = self._spawn(self._renew(key, token))
         try:
