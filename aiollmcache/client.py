@@ -26,6 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
+from redis.asyncio.cluster import RedisCluster
 
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
@@ -59,7 +60,7 @@ from .request import ChatRequest, SemanticQuery, build_chat_request, semantic_qu
 from .stats import Stats
 from .streaming import CachedStream, ChunkLog, ChunkWriter, assemble, replay
 from .tiers.memory import MemoryTier
-from .tiers.pubsub import Subscriber
+from .tiers.pubsub import PubSubHub, ShardedSubscriber, Subscriber
 from .tiers.redis import HotKeys, RedisTier, connect, validate_namespace
 from .tiers.semantic import SemanticConfig, SemanticTier
 from .upstream import OpenAIUpstream, Upstream, parse_response, upstream_scope
@@ -276,7 +277,7 @@ class LLMCache:
         self,
         *,
         redis_url: str | None = None,
-        redis: aioredis.Redis | None = None,
+        redis: aioredis.Redis | RedisCluster | None = None,
         openai: AsyncOpenAI | None = None,
         upstream: Upstream | None = None,
         model: str | None = None,
@@ -315,8 +316,10 @@ class LLMCache:
             raise ConfigurationError(f"openai: expected an AsyncOpenAI client, got {type(openai).__name__}")
         if upstream is not None and not callable(upstream):
             raise ConfigurationError(f"upstream: expected an async callable, got {type(upstream).__name__}")
-        if redis is not None and not isinstance(redis, aioredis.Redis):
-            raise ConfigurationError(f"redis: expected a redis.asyncio.Redis, got {type(redis).__name__}")
+        if redis is not None and not isinstance(redis, (aioredis.Redis, RedisCluster)):
+            raise ConfigurationError(
+                f"redis: expected a redis.asyncio.Redis or RedisCluster, got {type(redis).__name__}"
+            )
         if semantic is not None and not isinstance(semantic, SemanticConfig):
             raise ConfigurationError(f"semantic: expected a SemanticConfig, got {type(semantic).__name__}")
         if semantic is not None and semantic.embedder is None and openai is None:
@@ -356,6 +359,7 @@ class LLMCache:
                 redis,
                 namespace=namespace,
                 owns_client=redis_url is not None,
+                max_connections=max_connections,
                 timeout=timeout,
                 compress_above=_count(compress_above, "compress_above"),
                 max_entry_bytes=self._max_entry_bytes,
@@ -394,7 +398,7 @@ class LLMCache:
         self._origin = secrets.token_hex(8)
         self._bus: InvalidationBus | None = None
         self._listeners: list[Callable[[Invalidation], object]] = []
-        self._subscriber: Subscriber | None = None
+        self._subscriber: PubSubHub | None = None
         self._coordinator: Coordinator | None = None
         self._redis_timeout = timeout
         self._upstream: Upstream | None = OpenAIUpstream(openai) if openai is not None else upstream
@@ -501,7 +505,12 @@ class LLMCache:
             if self._state != _NEW:
                 return
             if self._redis is not None:
-                self._subscriber = Subscriber(self._redis.client, timeout=self._redis_timeout)
+                client = self._redis.client
+                self._subscriber = (
+                    ShardedSubscriber(client, timeout=self._redis_timeout)
+                    if isinstance(client, RedisCluster)
+                    else Subscriber(client, timeout=self._redis_timeout)
+                )
                 self._coordinator = Coordinator(
                     self._redis, self._subscriber, self._lease_settings, self._spawn_cleanup
                 )

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from ._log import RateLimitedLogger, logger
 from .entry import Entry
 from .errors import CorruptEntryError, RemoteUpstreamError, TierError, WaitTimeoutError
-from .tiers.pubsub import RESYNC, Subscriber, Subscription
+from .tiers.pubsub import RESYNC, PubSubHub, Subscription
 from .tiers.redis import RedisTier
 
 __all__ = [
@@ -225,7 +225,7 @@ class Coordinator:
     def __init__(
         self,
         tier: RedisTier,
-        subscriber: Subscriber,
+        subscriber: PubSubHub,
         settings: LeaseSettings,
         spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
     ) -> None:

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError
 from ._log import RateLimitedLogger
 from .entry import Entry
 from .errors import CorruptEntryError, InvalidRequestError, TierError
-from .tiers.pubsub import RESYNC, Subscriber, Subscription
+from .tiers.pubsub import RESYNC, PubSubHub, Subscription
 from .tiers.redis import RedisTier
 
 __all__ = ["Invalidation", "InvalidationBus", "InvalidationKind", "Pattern", "retire", "validate_key"]
@@ -268,7 +268,7 @@ class InvalidationBus:
     def __init__(
         self,
         tier: RedisTier,
-        subscriber: Subscriber,
+        subscriber: PubSubHub,
         *,
         interval: float,
         origin: str,

@@ -14,7 +14,11 @@ works from sync and async tests alike::
         assert fake.calls("What is Python?") == 1
 
 :class:`RedisServer` starts a throwaway ``redis-server`` on a free loopback
-port (nothing saved to disk) and stops it on exit.
+port (nothing saved to disk) and stops it on exit; :class:`RedisClusterServer`
+starts a Redis Cluster of such servers (primaries, and replicas if asked) with
+``redis-cli --cluster create``. Both have ``url`` (the cluster's carries the
+``cluster=yes`` option :class:`~aiollmcache.LLMCache` understands) and
+``client()``, an admin client of the right kind.
 
 Requires the ``server`` extra (starlette, uvicorn).
 """
@@ -31,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -54,9 +59,11 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from openai import AsyncOpenAI
+    from redis.asyncio.cluster import RedisCluster
 
-__all__ = ["FakeOpenAI", "RedisServer", "chat_completion", "last_user_text"]
+__all__ = ["FakeOpenAI", "RedisClusterServer", "RedisServer", "chat_completion", "last_user_text"]
 
 Reply = Callable[[Mapping[str, Any]], str]
 
@@ -568,6 +575,8 @@ class RedisServer:
     empty, on the same port.
     """
 
+    cluster = False
+
     def __init__(self, *, executable: str | None = None, args: tuple[str, ...] = (), port: int = 0) -> None:
         found = executable or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(found):
@@ -584,6 +593,16 @@ class RedisServer:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        """An asyncio client of this server (close it when done)."""
+        import redis.asyncio as aioredis
+
+        return aioredis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         """Start the server; return once it accepts connections (its own log
@@ -669,3 +688,135 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class RedisClusterServer:
+    """A private Redis Cluster on loopback: ``primaries`` ``redis-server``
+    processes started with ``--cluster-enabled yes``, each with ``replicas``
+    replicas, joined with ``redis-cli --cluster create``; nothing saved.
+
+    ``start()``/``with`` returns once every node agrees the cluster is up.
+    ``url`` points at the first node and carries ``cluster=yes``.
+    ``primaries()`` lists the servers that are primaries now; ``kill()`` one
+    and ``wait_healthy()`` returns once a replica has taken its place (node
+    timeout ``node_timeout_ms``).
+    """
+
+    cluster = True
+
+    def __init__(
+        self,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        node_timeout_ms: int = 1000,
+        executable: str | None = None,
+    ) -> None:
+        if primaries < 3:
+            raise ValueError(f"primaries: Redis Cluster needs at least 3, got {primaries}")
+        self._primaries = primaries
+        self._replicas = replicas
+        self._node_timeout_ms = node_timeout_ms
+        self._executable = executable
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        self.servers: list[RedisServer] = []
+
+    @property
+    def url(self) -> str:
+        alive = [s for s in self.servers if s.running] or self.servers
+        return f"redis://127.0.0.1:{alive[0].port}/0?cluster=yes"
+
+    def client(self, **kwargs: Any) -> RedisCluster:
+        """An asyncio cluster client (close it when done)."""
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        nodes = [ClusterNode("127.0.0.1", s.port) for s in self.servers if s.running]
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServer:
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        if not os.path.exists(cli):
+            raise FileNotFoundError("redis-cli not found: install it (Debian: apt-get install redis-tools)")
+        self._dir = tempfile.TemporaryDirectory(prefix="aiollmcache-cluster-")
+        try:
+            for i in range(self._primaries * (1 + self._replicas)):
+                args = (
+                    "--cluster-enabled", "yes",
+                    "--cluster-config-file", os.path.join(self._dir.name, f"nodes-{i}.conf"),
+                    "--cluster-node-timeout", str(self._node_timeout_ms),
+                    "--dir", self._dir.name,
+                )  # fmt: skip
+                self.servers.append(RedisServer(executable=self._executable, args=args).start())
+            argv = [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers)]
+            argv += ["--cluster-replicas", str(self._replicas), "--cluster-yes"]
+            done = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout.decode()[-500:]}")
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _info(self, server: RedisServer) -> dict[str, str] | None:
+        import redis
+
+        try:
+            with redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=1.0) as client:
+                text = client.execute_command("CLUSTER", "INFO")
+                replication = client.info("replication")
+        except (redis.RedisError, OSError):
+            return None
+        info = dict(line.split(":", 1) for line in _text(text).splitlines() if ":" in line)
+        info["role"] = str(replication.get("role"))
+        info["link"] = str(replication.get("master_link_status", "up"))
+        return info
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Wait until every running node sees the cluster up, all slots served,
+        as many primaries as asked, and each replica in sync with its primary."""
+        deadline = time.monotonic() + timeout
+        while True:
+            infos = [self._info(s) for s in self.servers if s.running]
+            if (
+                all(
+                    info is not None
+                    and info.get("cluster_state") == "ok"
+                    and info.get("cluster_slots_ok") == "16384"
+                    and info.get("cluster_size") == str(self._primaries)
+                    and info["link"] == "up"
+                    for info in infos
+                )
+                and sum(1 for info in infos if info and info["role"] == "master") == self._primaries
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster is not healthy after {timeout}s: {infos}")
+            time.sleep(0.05)
+
+    def primaries(self) -> list[RedisServer]:
+        """The running servers that are primaries now."""
+        infos = [(s, self._info(s)) for s in self.servers if s.running]
+        return [s for s, info in infos if info is not None and info["role"] == "master"]
+
+    def kill(self, server: RedisServer) -> None:
+        """Crash one node (SIGKILL)."""
+        server.kill()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+    def __enter__(self) -> RedisClusterServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

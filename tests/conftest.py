@@ -1,6 +1,11 @@
 """Real parts for every test: a private redis-server on a free loopback port and
 a FakeOpenAI server, both started once per session; each test gets its own
-namespace so tests never see each other's entries."""
+namespace so tests never see each other's entries.
+
+Modules marked ``both_redis`` run every test twice: against the single Redis
+and against a private 3-primary Redis Cluster (``redis_server`` is then a
+:class:`RedisClusterServer`, whose ``url`` carries ``cluster=yes``); a test
+marked ``single_redis`` runs on the single Redis only."""
 
 from __future__ import annotations
 
@@ -14,14 +19,26 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from aiollmcache import LLMCache, OpenAIUpstream, Upstream
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI, RedisClusterServer, RedisServer
 
 MODEL = "test-model"
 
+AnyRedis = RedisServer | RedisClusterServer
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_server" not in metafunc.fixturenames:
+        return
+    both = metafunc.definition.get_closest_marker("both_redis") is not None
+    single = metafunc.definition.get_closest_marker("single_redis") is not None
+    kinds = ["redis", "cluster"] if both and not single else ["redis"]
+    metafunc.parametrize("redis_server", kinds, indirect=True, scope="session")
+
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisServer]:
-    with RedisServer() as server:
+def redis_server(request: pytest.FixtureRequest) -> Iterator[AnyRedis]:
+    server: AnyRedis = RedisClusterServer(primaries=3) if request.param == "cluster" else RedisServer()
+    with server:
         yield server
 
 
@@ -61,7 +78,7 @@ async def openai_client(fake: FakeOpenAI) -> AsyncIterator[AsyncOpenAI]:
 
 @pytest_asyncio.fixture
 async def cache(
-    redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str
+    redis_server: AnyRedis, openai_client: AsyncOpenAI, namespace: str
 ) -> AsyncIterator[LLMCache]:
     async with LLMCache(
         redis_url=redis_server.url, openai=openai_client, model=MODEL, namespace=namespace
@@ -71,7 +88,7 @@ async def cache(
 
 @pytest_asyncio.fixture
 async def make_cache(
-    redis_server: RedisServer, openai_client: AsyncOpenAI, namespace: str
+    redis_server: AnyRedis, openai_client: AsyncOpenAI, namespace: str
 ) -> AsyncIterator[Callable[..., LLMCache]]:
     """Build more caches on the same Redis and namespace; closed after the test."""
     made: list[LLMCache] = []

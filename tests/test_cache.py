@@ -8,7 +8,6 @@ from collections.abc import Callable
 import openai
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion
 
 from aiollmcache import (
@@ -22,7 +21,7 @@ from aiollmcache import (
 )
 from aiollmcache.testing import FakeOpenAI, RedisServer, chat_completion
 
-from .conftest import MODEL, signalling, user
+from .conftest import MODEL, AnyRedis, signalling, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,9 +65,9 @@ async def test_redis_only_hit_with_memory_tier_disabled(
     assert c.stats()["memory_entries"] == 0
 
 
-async def test_redis_key_layout_and_ttl(cache: LLMCache, redis_server: RedisServer, namespace: str) -> None:
+async def test_redis_key_layout_and_ttl(cache: LLMCache, redis_server: AnyRedis, namespace: str) -> None:
     result = await cache.complete(user("layout"), cache=CacheControl(ttl=120))
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         keys = await r.keys(f"alc:{namespace}:*")
         entry_key = f"alc:{namespace}:0:e:{{{result.key}}}".encode()
@@ -80,11 +79,11 @@ async def test_redis_key_layout_and_ttl(cache: LLMCache, redis_server: RedisServ
 
 
 async def test_namespace_version_is_part_of_the_key(
-    make_cache: Callable[..., LLMCache], redis_server: RedisServer, namespace: str, fake: FakeOpenAI
+    make_cache: Callable[..., LLMCache], redis_server: AnyRedis, namespace: str, fake: FakeOpenAI
 ) -> None:
     a = make_cache()
     await a.complete(user("versioned"))
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         await r.set(f"alc:{namespace}:version", 7)
     finally:
@@ -162,13 +161,13 @@ async def test_memory_bounds_hold(make_cache: Callable[..., LLMCache], fake: Fak
 
 
 async def test_large_answers_are_compressed_in_redis(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis
 ) -> None:
     fake.answer_chars = 100_000
     try:
         c = make_cache(memory_max_entries=0)
         first = await c.complete(user("big"))
-        r = aioredis.Redis.from_url(redis_server.url)
+        r = redis_server.client()
         try:
             (key,) = await r.keys("alc:*{" + first.key + "}")
             assert await r.strlen(key) < 20_000
@@ -200,14 +199,14 @@ async def test_entries_above_the_size_limit_are_not_stored(
 async def test_corrupt_bytes_in_redis_are_a_miss(
     make_cache: Callable[..., LLMCache],
     fake: FakeOpenAI,
-    redis_server: RedisServer,
+    redis_server: AnyRedis,
     namespace: str,
     garbage: bytes,
 ) -> None:
     writer = make_cache()
     first = await writer.complete(user("corrupt me"))
     rkey = f"alc:{namespace}:0:e:{{{first.key}}}"
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         await r.set(rkey, garbage)
         reader = make_cache()
@@ -222,11 +221,11 @@ async def test_corrupt_bytes_in_redis_are_a_miss(
 
 
 async def test_a_foreign_type_at_the_key_is_a_corrupt_miss(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     first = await make_cache().complete(user("wrong type"))
     rkey = f"alc:{namespace}:0:e:{{{first.key}}}"
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         await r.delete(rkey)
         await r.rpush(rkey, "not", "a", "string")
@@ -258,7 +257,7 @@ async def test_two_providers_never_share_answers(cache: LLMCache) -> None:
             await client_b.close()
 
 
-async def test_close_during_open_wins(redis_server: RedisServer, openai_client: openai.AsyncOpenAI) -> None:
+async def test_close_during_open_wins(redis_server: AnyRedis, openai_client: openai.AsyncOpenAI) -> None:
     c = LLMCache(redis_url=redis_server.url, openai=openai_client, model=MODEL)
     opening = asyncio.create_task(c.open())
     await asyncio.sleep(0)  # open() is now waiting on Redis
@@ -512,7 +511,7 @@ async def test_from_env_with_only_a_base_url(monkeypatch: pytest.MonkeyPatch, fa
         assert (await c.complete(user("keyless"))).text == "Answer to: keyless"
 
 
-async def test_from_env(monkeypatch: pytest.MonkeyPatch, redis_server: RedisServer, fake: FakeOpenAI) -> None:
+async def test_from_env(monkeypatch: pytest.MonkeyPatch, redis_server: AnyRedis, fake: FakeOpenAI) -> None:
     monkeypatch.setenv("AIOLLMCACHE_REDIS_URL", redis_server.url)
     monkeypatch.setenv("AIOLLMCACHE_NAMESPACE", "fromenv")
     monkeypatch.setenv("OPENAI_API_KEY", "k")
@@ -520,7 +519,7 @@ async def test_from_env(monkeypatch: pytest.MonkeyPatch, redis_server: RedisServ
     async with LLMCache.from_env(model=MODEL) as c:
         result = await c.complete(user("env"), cache=CacheControl(no_cache=True))
         assert result.source == "upstream"
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         assert await r.exists(f"alc:fromenv:0:e:{{{result.key}}}")
     finally:

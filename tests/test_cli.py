@@ -8,7 +8,9 @@ import pytest
 
 from aiollmcache import CacheControl, LLMCache
 from aiollmcache.cli import _prompts, main
-from aiollmcache.testing import RedisServer, chat_completion
+from aiollmcache.testing import chat_completion
+
+from .conftest import AnyRedis
 
 
 def test_demo_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,7 +33,7 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_invalidate_retires_by_tag_and_everything(
-    redis_server: RedisServer, namespace: str, capsys: pytest.CaptureFixture[str]
+    redis_server: AnyRedis, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async def fill() -> None:
         async def upstream(params: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +68,7 @@ def test_invalidate_reports_bad_arguments_and_an_unreachable_redis(
     assert "redis" in capsys.readouterr().err.lower()
 
 
-def test_serve_and_stats_in_real_processes(redis_server: RedisServer, namespace: str) -> None:
+def test_serve_and_stats_in_real_processes(redis_server: AnyRedis, namespace: str) -> None:
     import json
     import os
     import socket

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import openai
 import pytest
-import redis.asyncio as aioredis
 
 from aiollmcache import (
     CacheControl,
@@ -20,15 +19,15 @@ from aiollmcache import (
     RemoteUpstreamError,
     WaitTimeoutError,
 )
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI
 
-from .conftest import signalling, until, user
+from .conftest import AnyRedis, signalling, until, user
 
 pytestmark = pytest.mark.asyncio
 
 
-async def redis_keys(redis_server: RedisServer, pattern: str) -> list[bytes]:
-    r = aioredis.Redis.from_url(redis_server.url)
+async def redis_keys(redis_server: AnyRedis, pattern: str) -> list[bytes]:
+    r = redis_server.client()
     try:
         return sorted(await r.keys(pattern))
     finally:
@@ -65,7 +64,7 @@ async def test_a_lost_notification_costs_one_bounded_wait(
     make_cache: Callable[..., LLMCache],
     fake: FakeOpenAI,
     openai_client: openai.AsyncOpenAI,
-    redis_server: RedisServer,
+    redis_server: AnyRedis,
     namespace: str,
 ) -> None:
     started, upstream = signalling(openai_client)
@@ -77,7 +76,7 @@ async def test_a_lost_notification_costs_one_bounded_wait(
     first = asyncio.create_task(holder.complete(user("lost message")))
     await started.wait()
     waiting = asyncio.create_task(waiter.complete(user("lost message")))
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = redis_server.client()
     try:
 
         async def subscribed() -> bool:
@@ -110,7 +109,7 @@ async def test_remote_waiters_get_the_failure_at_once(
     make_cache: Callable[..., LLMCache],
     fake: FakeOpenAI,
     openai_client: openai.AsyncOpenAI,
-    redis_server: RedisServer,
+    redis_server: AnyRedis,
 ) -> None:
     started, upstream = signalling(openai_client)
     holder, waiter = make_cache(openai=None, upstream=upstream, lease_ttl=30), make_cache(lease_ttl=30)
@@ -133,7 +132,7 @@ async def test_remote_waiters_get_the_failure_at_once(
 
 
 async def test_upstream_timeout_is_shared_the_same_way(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     slow_client = fake.client(timeout=0.3)
     try:
@@ -188,7 +187,7 @@ async def test_too_old_for_max_age_is_replaced_before_answering(
 
 
 async def test_unstorable_answer_releases_the_lease_at_once(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     fake.answer_chars = 20_000
     try:

@@ -11,12 +11,11 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from aiollmcache import CacheControl, LLMCache
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI
 
-from .conftest import user
+from .conftest import AnyRedis, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -109,7 +108,7 @@ async def test_no_early_refresh_far_from_expiry(
 
 
 async def test_closing_with_refreshes_in_flight_leaves_nothing_behind(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     writer = make_cache(ttl=0.3, stale_ttl=60)
     await writer.complete(user("closing refresh"))
@@ -121,16 +120,16 @@ async def test_closing_with_refreshes_in_flight_leaves_nothing_behind(
     await reader.aclose()
     assert not reader._tasks
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("LLMCache.")]
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         assert await r.keys(f"alc:{namespace}:*:l:*") == []  # the cancelled refresh gave its lease back
     finally:
         await r.aclose()
 
 
-async def test_per_request_stale_window(cache: LLMCache, redis_server: RedisServer, namespace: str) -> None:
+async def test_per_request_stale_window(cache: LLMCache, redis_server: AnyRedis, namespace: str) -> None:
     result = await cache.complete(user("windows"), cache=CacheControl(ttl=100, stale_ttl=50))
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         pttl = await r.pttl(f"alc:{namespace}:0:e:{{{result.key}}}")
     finally:
@@ -138,8 +137,8 @@ async def test_per_request_stale_window(cache: LLMCache, redis_server: RedisServ
     assert 140_000 < pttl <= 150_000
 
 
-async def _pttl(redis_server: RedisServer, namespace: str, key: str) -> int:
-    r = aioredis.Redis.from_url(redis_server.url)
+async def _pttl(redis_server: AnyRedis, namespace: str, key: str) -> int:
+    r = redis_server.client()
     try:
         return int(await r.pttl(f"alc:{namespace}:0:e:{{{key}}}"))
     finally:
@@ -147,7 +146,7 @@ async def _pttl(redis_server: RedisServer, namespace: str, key: str) -> int:
 
 
 async def test_a_hot_key_slides_and_a_cold_one_ages_out(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     c = make_cache(ttl=1.0, stale_ttl=1.0, hot_hits=3, memory_max_entries=0, xfetch_beta=0)
     hot = await c.complete(user("hot"))
@@ -167,7 +166,7 @@ async def test_a_hot_key_slides_and_a_cold_one_ages_out(
 
 
 async def test_a_hot_key_never_outlives_its_cap(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     c = make_cache(ttl=0.5, stale_ttl=0.5, hot_hits=1, hot_max_age=1.5, memory_max_entries=0, xfetch_beta=0)
     first = await c.complete(user("capped"))
@@ -181,7 +180,7 @@ async def test_a_hot_key_never_outlives_its_cap(
 
 
 async def test_a_refresh_keeps_the_windows_the_entry_had(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     writer = make_cache(ttl=0.3, stale_ttl=60)
     first = await writer.complete(user("windows kept"))
@@ -197,7 +196,7 @@ async def test_a_refresh_keeps_the_windows_the_entry_had(
 
 
 async def test_hot_keys_are_counted_with_the_memory_tier_on(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     c = make_cache(ttl=0.5, stale_ttl=0.5, hot_hits=2, xfetch_beta=0)
     first = await c.complete(user("hot in memory"))
@@ -210,7 +209,7 @@ async def test_hot_keys_are_counted_with_the_memory_tier_on(
 
 
 async def test_sliding_never_makes_an_entry_without_a_stale_window_stale(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     c = make_cache(ttl=1.0, stale_ttl=1.0, hot_hits=1, memory_max_entries=0, xfetch_beta=0)
     first = await c.complete(user("never stale"), cache=CacheControl(ttl=0.5, stale_ttl=0))

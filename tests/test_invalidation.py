@@ -25,10 +25,10 @@ from aiollmcache import (
     LLMCache,
     Pattern,
 )
-from aiollmcache.testing import FakeOpenAI, RedisServer, chat_completion
+from aiollmcache.testing import FakeOpenAI, chat_completion
 from aiollmcache.tiers.redis import RedisTier
 
-from .conftest import MODEL, signalling, until, user
+from .conftest import MODEL, AnyRedis, signalling, until, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,7 +54,7 @@ class CacheWorker:
 
     @classmethod
     async def start(
-        cls, redis_server: RedisServer, fake: FakeOpenAI, namespace: str, *options: str
+        cls, redis_server: AnyRedis, fake: FakeOpenAI, namespace: str, *options: str
     ) -> CacheWorker:
         argv = ["-m", "tests.cache_worker", redis_server.url, fake.base_url, namespace, *options]
         pipe = asyncio.subprocess.PIPE
@@ -85,7 +85,7 @@ class CacheWorker:
 
 @pytest_asyncio.fixture
 async def start_worker(
-    redis_server: RedisServer, fake: FakeOpenAI, namespace: str
+    redis_server: AnyRedis, fake: FakeOpenAI, namespace: str
 ) -> AsyncIterator[Callable[..., Any]]:
     started: list[CacheWorker] = []
 
@@ -100,8 +100,8 @@ async def start_worker(
 
 
 @pytest_asyncio.fixture
-async def admin(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
+async def admin(redis_server: AnyRedis) -> AsyncIterator[aioredis.Redis]:
+    client = redis_server.client()
     yield client
     await client.aclose()
 
@@ -329,8 +329,8 @@ async def test_listener_errors_are_logged_not_raised(
 # -- tags and patterns at scale, and foreign data ---------------------------------------
 
 
-async def test_tag_sets_shrink_as_their_entries_expire(redis_server: RedisServer, namespace: str) -> None:
-    client = aioredis.Redis.from_url(redis_server.url)
+async def test_tag_sets_shrink_as_their_entries_expire(redis_server: AnyRedis, namespace: str) -> None:
+    client = redis_server.client()
     tier = RedisTier(
         client,
         namespace=namespace,
@@ -472,7 +472,7 @@ async def test_a_late_reply_never_moves_the_version_back(
 
 
 async def test_reads_made_before_the_first_sync_are_dropped_by_it(
-    make_cache: Callable[..., LLMCache], redis_server: RedisServer
+    make_cache: Callable[..., LLMCache], redis_server: AnyRedis
 ) -> None:
     reader = make_cache(openai=None, upstream=local_upstream, sync_interval=60, redis_timeout=0.2)
     writer = make_cache(openai=None, upstream=local_upstream)

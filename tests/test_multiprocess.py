@@ -12,13 +12,12 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from aiollmcache import LLMCache
 from aiollmcache.request import build_chat_request
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI
 
-from .conftest import until, user
+from .conftest import AnyRedis, until, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -34,7 +33,7 @@ class Worker:
     @classmethod
     async def start(
         cls,
-        redis_server: RedisServer,
+        redis_server: AnyRedis,
         fake: FakeOpenAI,
         namespace: str,
         prompt: str,
@@ -62,14 +61,14 @@ class Worker:
         return orjson.loads(out)
 
 
-async def run_worker(redis_server: RedisServer, fake: FakeOpenAI, namespace: str, prompt: str) -> Any:
+async def run_worker(redis_server: AnyRedis, fake: FakeOpenAI, namespace: str, prompt: str) -> Any:
     worker = await Worker.start(redis_server, fake, namespace, prompt)
     (result,) = (await worker.result())["results"]
     return result
 
 
 async def test_another_process_hits_what_this_one_stored(
-    cache: LLMCache, fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    cache: LLMCache, fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     mine = await cache.complete(user("across processes"))
     theirs = await run_worker(redis_server, fake, namespace, "across processes")
@@ -85,7 +84,7 @@ async def test_another_process_hits_what_this_one_stored(
 
 
 async def test_this_process_hits_what_another_stored(
-    cache: LLMCache, fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    cache: LLMCache, fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     theirs = await run_worker(redis_server, fake, namespace, "from a worker")
     assert theirs["source"] == "upstream"
@@ -96,7 +95,7 @@ async def test_this_process_hits_what_another_stored(
 
 
 async def test_four_processes_stampede_one_cold_key(
-    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     fake.latency = 0.5
     workers = [
@@ -122,7 +121,7 @@ async def test_four_processes_stampede_one_cold_key(
 
 
 async def test_killed_holder_is_replaced_by_exactly_one_waiter(
-    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     fake.latency = 2.0
     prompt = "holder dies"
@@ -136,7 +135,7 @@ async def test_killed_holder_is_replaced_by_exactly_one_waiter(
     ]
     for worker in waiters:
         worker.go()
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         channel = f"alc:{namespace}:0:n:{{{request_key(fake, prompt)}}}"
 
@@ -163,7 +162,7 @@ def request_key(fake: FakeOpenAI, prompt: str) -> str:
 
 
 async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
-    fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     fake.latency = 0.3
     fake.fail(500, prompt="fails everywhere")
@@ -177,7 +176,7 @@ async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
     errors = Counter(r.get("error") for report in reports for r in report["results"])
     assert fake.calls("fails everywhere") == 1
     assert errors == {"InternalServerError": 50, "RemoteUpstreamError": 100}
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_server.client()
     try:
         assert await r.keys(f"alc:{namespace}:0:*") == []  # no entry, no lease left behind
     finally:
@@ -185,7 +184,7 @@ async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
 
 
 async def test_three_processes_on_a_stale_key_refresh_it_once(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
 ) -> None:
     writer = make_cache(ttl=0.5, stale_ttl=60)
     first = await writer.complete(user("stale everywhere"))

@@ -11,14 +11,13 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from aiollmcache import ConfigurationError, CorruptEntryError, LLMCache, Pattern
 from aiollmcache.crypto import AESGCMSealer
 from aiollmcache.entry import decode_entry, encode_entry
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
-from .conftest import MODEL, user
+from .conftest import MODEL, AnyRedis, user
 
 PACKAGE = Path(__file__).resolve().parent.parent / "aiollmcache"
 SECRET = "my card number is 4111-1111-1111-1111"
@@ -40,11 +39,11 @@ def test_nothing_in_the_package_can_unpickle() -> None:
 
 @pytest.mark.asyncio
 async def test_keys_and_channels_reveal_no_prompt_text(
-    make_cache: Callable[..., LLMCache], redis_server: RedisServer, namespace: str
+    make_cache: Callable[..., LLMCache], redis_server: AnyRedis, namespace: str
 ) -> None:
     cache = make_cache()
     await cache.complete([{"role": "system", "content": SYSTEM}, *user(SECRET)])
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = redis_server.client()
     try:
         names = [k.decode() for k in await admin.keys(f"alc:{namespace}:*")]
         names += [c.decode() for c in await admin.pubsub_channels(f"alc:{namespace}:*")]
@@ -60,7 +59,7 @@ async def test_keys_and_channels_reveal_no_prompt_text(
 
 @pytest.mark.asyncio
 async def test_encrypted_answers_are_shared_and_unreadable_in_redis(
-    make_cache: Callable[..., LLMCache], redis_server: RedisServer, namespace: str, fake: FakeOpenAI
+    make_cache: Callable[..., LLMCache], redis_server: AnyRedis, namespace: str, fake: FakeOpenAI
 ) -> None:
     key = os.urandom(32)
     writer, reader = make_cache(encryption_key=key), make_cache(encryption_key=key, memory_max_entries=0)
@@ -69,7 +68,7 @@ async def test_encrypted_answers_are_shared_and_unreadable_in_redis(
     hit = await reader.complete(messages)
     assert (hit.source, hit.text) == ("redis", first.text)
     assert SECRET in first.text  # the fake model repeats the question
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = redis_server.client()
     try:
         stored = await admin.get(f"alc:{namespace}:0:e:{{{first.key}}}")
     finally:
@@ -123,7 +122,7 @@ async def test_encryption_settings_are_checked() -> None:
 
 @pytest.mark.asyncio
 async def test_a_system_pattern_retires_encrypted_entries_it_cannot_read(
-    make_cache: Callable[..., LLMCache], redis_server: RedisServer
+    make_cache: Callable[..., LLMCache], redis_server: AnyRedis
 ) -> None:
     sealed = make_cache(encryption_key=b"k" * 32, memory_max_entries=0)
     keyless = make_cache(memory_max_entries=0)  # e.g. the CLI, which has no key

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from openai import AsyncOpenAI
 
 from aiollmcache import (
@@ -26,9 +25,9 @@ from aiollmcache import (
     Pattern,
     SemanticConfig,
 )
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI
 
-from .conftest import MODEL, until, user
+from .conftest import MODEL, AnyRedis, until, user
 from .test_invalidation import CacheWorker
 
 pytestmark = pytest.mark.asyncio
@@ -181,7 +180,7 @@ async def test_questions_about_other_numbers_never_match(
 
 
 async def test_an_answer_written_by_another_process_is_found(
-    redis_server: RedisServer,
+    redis_server: AnyRedis,
     fake: FakeOpenAI,
     namespace: str,
     semantic_cache: Callable[..., LLMCache],
@@ -190,7 +189,7 @@ async def test_an_answer_written_by_another_process_is_found(
     try:
         written = await worker.call(QUESTION)
         assert written["source"] == "upstream"
-        admin = aioredis.Redis.from_url(redis_server.url)
+        admin = redis_server.client()
         try:
 
             async def stream_written() -> bool:
@@ -304,12 +303,12 @@ async def test_concurrent_texts_share_one_embeddings_request(
 
 
 async def test_a_foreign_record_in_a_partition_is_skipped(
-    semantic_cache: Callable[..., LLMCache], redis_server: RedisServer, namespace: str
+    semantic_cache: Callable[..., LLMCache], redis_server: AnyRedis, namespace: str
 ) -> None:
     cache = semantic_cache()
     await cache.complete(user(QUESTION))
     await until(_indexed(cache, 1))
-    admin = aioredis.Redis.from_url(redis_server.url)
+    admin = redis_server.client()
     try:
         (stream,) = await admin.keys(f"alc:{namespace}:0:v:*")
         await admin.xadd(stream, {"k": "zz", "v": b"\x00\x01", "d": "f9", "x": "soon"})

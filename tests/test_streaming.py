@@ -13,9 +13,9 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 
 from aiollmcache import CacheControl, InvalidRequestError, LLMCache, StreamInterruptedError
-from aiollmcache.testing import FakeOpenAI, RedisServer
+from aiollmcache.testing import FakeOpenAI
 
-from .conftest import MODEL, user
+from .conftest import MODEL, AnyRedis, user
 from .test_invalidation import CacheWorker
 
 pytestmark = pytest.mark.asyncio
@@ -52,7 +52,7 @@ async def test_fifty_identical_streams_cost_one_upstream_call(
 
 
 async def test_a_stored_answer_is_replayed_as_chunks(
-    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: RedisServer
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis
 ) -> None:
     cache = make_cache()
     live_text, live = await read(cache.stream(user(PROMPT), stream_options={"include_usage": True}))
@@ -235,7 +235,7 @@ async def test_no_store_streams_are_not_shared_or_stored(
 
 
 async def test_identical_streams_in_three_processes_cost_one_upstream_call(
-    redis_server: RedisServer, fake: FakeOpenAI, namespace: str, make_cache: Callable[..., LLMCache]
+    redis_server: AnyRedis, fake: FakeOpenAI, namespace: str, make_cache: Callable[..., LLMCache]
 ) -> None:
     fake.latency = 0.3  # every process joins before the first chunk
     fake.chunk_latency = 0.01
@@ -264,7 +264,7 @@ async def test_identical_streams_in_three_processes_cost_one_upstream_call(
 
 
 async def test_followers_elsewhere_fail_promptly_when_the_leader_dies(
-    redis_server: RedisServer, fake: FakeOpenAI, namespace: str, make_cache: Callable[..., LLMCache]
+    redis_server: AnyRedis, fake: FakeOpenAI, namespace: str, make_cache: Callable[..., LLMCache]
 ) -> None:
     fake.chunk_latency = 0.1  # a stream of ~11 chunks: over a second
     worker = await CacheWorker.start(redis_server, fake, namespace, "--lease-ttl", "1")

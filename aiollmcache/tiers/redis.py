@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import inspect
 import math
 import re
@@ -36,12 +37,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._log import RateLimitedLogger, logger
@@ -69,13 +73,18 @@ __all__ = [
     "KEY_PREFIX",
     "SCAN_BATCH",
     "UNLINK_BATCH",
+    "Client",
     "HotKeys",
     "RedisTier",
     "connect",
+    "parse_redis_url",
     "validate_namespace",
 ]
 
 KEY_PREFIX = "alc"
+
+Client = aioredis.Redis | RedisCluster
+"""A single Redis or a Redis Cluster."""
 _NAMESPACE_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 # Delete the key only if it still holds the bytes we found corrupt: a valid
@@ -144,6 +153,33 @@ return found
 """
 )
 
+# On Redis Cluster, the reads of one batch that live on one node, in one call
+# to that node: the keys (ARGV; their slots differ) must all be served there,
+# or the call fails as a whole and its reads go one by one. A list with, for
+# each key, its value or nil (nil also for a key holding another type).
+_GET_ON_NODE = """#!lua flags=allow-cross-slot-keys,no-writes
+local found = {}
+for i = 1, #ARGV do
+  local ok, value = pcall(redis.call, 'GET', ARGV[i])
+  found[i] = ok and value
+end
+return found
+"""
+
+# The same for hot keys: ARGV[1..4] as for _READ_HOT, then (entry, hits) pairs.
+_GET_HOT_ON_NODE = (
+    "#!lua flags=allow-cross-slot-keys\n"
+    + _READ_HOT
+    + """
+local found = {}
+for i = 5, #ARGV, 2 do
+  local ok, value = pcall(read_hot, ARGV[i], ARGV[i + 1])
+  found[#found + 1] = ok and value
+end
+return found
+"""
+)
+
 # Append a vector record (ARGV[1..4]: entry key, vector bytes, dtype, expiry
 # as unix seconds; ARGV[7]: the question's number signature) to a partition's
 # stream KEYS[1], trimmed to about ARGV[5] records; the stream lives as long
@@ -205,6 +241,17 @@ local function tag(first, m)
   end
 end
 """
+
+# On Redis Cluster a tag's set is in another slot than the entry: it is
+# written on its own (KEYS[1]; ARGV[1], ARGV[2]: see _TAG), before and after
+# the entry (see RedisTier._tag_apart).
+_TAG_ADD = (
+    _TAG
+    + """
+tag(1, 1)
+return 1
+"""
+)
 
 # Write the entry only while holding the lease, then release it and wake the
 # waiters, all in one step: a holder that lost its lease writes nothing. The
@@ -311,7 +358,33 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis:
+_CLUSTER_WORDS: Final = {"yes": True, "true": True, "1": True, "on": True}
+_CLUSTER_WORDS_OFF: Final = {"no": False, "false": False, "0": False, "off": False}
+
+
+def parse_redis_url(url: str) -> tuple[str, bool]:
+    """Split the ``cluster=yes`` option off a Redis URL: ``(url, cluster)``.
+
+    ``redis://h:p/0?cluster=yes`` means a Redis Cluster reached through the
+    node ``h:p`` (any node will do: the others are discovered). Every other
+    query option is left for redis-py.
+    """
+    parts = urlsplit(url)
+    kept: list[tuple[str, str]] = []
+    cluster = False
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name != "cluster":
+            kept.append((name, value))
+            continue
+        word = value.lower()
+        if word in _CLUSTER_WORDS:
+            cluster = True
+        elif word not in _CLUSTER_WORDS_OFF:
+            raise ConfigurationError(f"redis_url: cluster={value!r}, expected yes or no")
+    return urlunsplit(parts._replace(query=urlencode(kept))), cluster
+
+
+def connect(url: str, *, max_connections: int, timeout: float) -> Client:
     """A client for ``url`` with a bounded pool that waits for a free connection.
 
     Connecting and waiting for a pooled connection are bounded by ``timeout``;
@@ -320,7 +393,23 @@ def connect(url: str, *, max_connections: int, timeout: float) -> aioredis.Redis
     There is no per-socket read/write timeout: :class:`RedisTier` bounds each
     whole operation with one ``asyncio.timeout`` instead, which costs a timer
     where redis-py's socket timeout costs a task per command.
+
+    With ``cluster=yes`` in the URL the client is a :class:`RedisCluster`
+    with up to ``max_connections`` connections per node; its pools raise when
+    full instead of waiting, so :class:`RedisTier` makes callers wait for one
+    of ``max_connections`` slots instead.
     """
+    url, cluster = parse_redis_url(url)
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            max_connections=max_connections,
+            socket_connect_timeout=timeout,
+            socket_timeout=None,
+            # One more try after a connection error or a cluster change, with
+            # the slot table read again: a failover is seen at once.
+            retry=Retry(NoBackoff(), retries=1),
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -377,16 +466,9 @@ class CircuitBreaker:
         "skipped",
     )
 
-    def __init__(
-        self, client: aioredis.Redis, *, failures: int, probe_interval: float, timeout: float
-    ) -> None:
-        pool = client.connection_pool
-        # One connection of its own: what it measures is Redis, not the pool.
-        self._pinger = aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool(
-                connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
-            )
-        )
+    def __init__(self, client: Client, *, failures: int, probe_interval: float, timeout: float) -> None:
+        # Connections of its own: what it measures is Redis, not the pool.
+        self._pinger = _ClusterPinger(client) if isinstance(client, RedisCluster) else _Pinger(client)
         self._failures = failures
         self._interval = probe_interval
         self._timeout = timeout
@@ -443,7 +525,7 @@ class CircuitBreaker:
             # A roomier budget than operations get: a busy event loop delays
             # reading the reply, and that must not pass for Redis being down.
             async with asyncio.timeout(max(1.0, 4 * self._timeout)):
-                await self._pinger.ping()
+                await self._pinger.ping(refresh=self._probe is not None)
         except ResponseError:
             return True  # an error reply (e.g. no permission for PING) is an answer
         except (TimeoutError, RedisError, OSError) as exc:
@@ -474,8 +556,67 @@ class CircuitBreaker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._probe = self._verifying = None
+        await self._pinger.aclose()
+
+
+class _Pinger:
+    """PINGs a single Redis on a connection outside the client's pool."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        pool = client.connection_pool
+        self._client = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool(
+                connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
+            )
+        )
+
+    async def ping(self, *, refresh: bool) -> None:
+        await self._client.ping()
+
+    async def aclose(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self._pinger.aclose(close_connection_pool=True)
+            await self._client.aclose(close_connection_pool=True)
+
+
+class _ClusterPinger:
+    """PINGs every primary of a cluster, each on a connection of its own.
+
+    While the breaker is open no command tells the client that the cluster
+    changed (a primary died and a replica took over), so the probe first
+    reads the slot table again (``refresh``).
+    """
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+        self._connections: dict[str, Any] = {}
+
+    async def ping(self, *, refresh: bool) -> None:
+        manager = self._client.nodes_manager
+        if refresh or not manager.slots_cache:
+            await manager.initialize()
+        primaries: list[ClusterNode] = self._client.get_primaries()
+        if not primaries:
+            raise RedisConnectionError("no primary known")
+        await asyncio.gather(*(self._ping(node) for node in primaries))
+
+    async def _ping(self, node: ClusterNode) -> None:
+        connection = self._connections.get(node.name)
+        if connection is None:
+            connection = self._connections[node.name] = node.connection_class(**node.connection_kwargs)
+        try:
+            await connection.send_command("PING")
+            await connection.read_response()
+        except BaseException:
+            self._connections.pop(node.name, None)
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect()
+            raise
+
+    async def aclose(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            with contextlib.suppress(RedisError, OSError):
+                await connection.disconnect()
 
 
 _READ_ALONE: Final = object()  # a batch's leader gave up: read on your own
@@ -595,9 +736,10 @@ class RedisTier:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         *,
         namespace: str,
+        max_connections: int = 64,
         owns_client: bool,
         timeout: float,
         compress_above: int,
@@ -609,10 +751,15 @@ class RedisTier:
         batching: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        connection_kwargs = client.get_connection_kwargs()  # type: ignore[no-untyped-call]
+        connection_kwargs = client.get_connection_kwargs()
         if connection_kwargs.get("decode_responses"):
             raise ConfigurationError("redis: the client must be built with decode_responses=False")
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        # A cluster client's pools raise when full: callers wait here instead,
+        # at most ``max_connections`` operations at a time (so at most that
+        # many connections to any one node).
+        self._gate = asyncio.Semaphore(max_connections) if self._cluster else None
         self._namespace = validate_namespace(namespace)
         self._owns_client = owns_client
         self._timeout = timeout
@@ -620,8 +767,8 @@ class RedisTier:
         self.sealer = sealer
         self._batching = batching
         self._tasks: set[asyncio.Task[None]] = set()
-        self._gets = _Batches(self._mget)
-        self._hot_reads = _Batches(self._get_hot_batch)
+        self._gets = _Batches(self._get_on_nodes if self._cluster else self._mget)
+        self._hot_reads = _Batches(self._get_hot_on_nodes if self._cluster else self._get_hot_batch)
         self._reads_in_flight = 0
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
@@ -632,10 +779,15 @@ class RedisTier:
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
         self._sync_key = f"{KEY_PREFIX}:{namespace}:sync"
         self._sync_state = client.register_script(_SYNC_STATE)
-        self.invalidation_channel = f"{KEY_PREFIX}:{namespace}:inv"
+        # On a cluster, invalidations go over the sharded channel of the count
+        # that numbers them (a channel may share a key's name, not its data).
+        self.invalidation_channel = self._sync_key if self._cluster else f"{KEY_PREFIX}:{namespace}:inv"
+        publish = "'SPUBLISH'" if self._cluster else "'PUBLISH'"
         self._set_tagged = client.register_script(_SET_TAGGED)
         self._tag_retire = client.register_script(_TAG_RETIRE)
-        self._publish_invalidation = client.register_script(_PUBLISH_INVALIDATION)
+        self._publish_invalidation = client.register_script(
+            _PUBLISH_INVALIDATION.replace("'PUBLISH'", publish)
+        )
         self._delete_if_equal = client.register_script(_DELETE_IF_EQUAL)
         self._acquire = client.register_script(_ACQUIRE)
         self._add_vector = client.register_script(_ADD_VECTOR)
@@ -643,13 +795,22 @@ class RedisTier:
         self._get_hot_many = client.register_script(_GET_HOT_MANY)
         self._hot = hot
         self._renew = client.register_script(_RENEW)
-        self._commit = client.register_script(_COMMIT)
-        self._abandon = client.register_script(_ABANDON)
+        self._commit = client.register_script(_COMMIT.replace("'PUBLISH'", publish))
+        self._abandon = client.register_script(_ABANDON.replace("'PUBLISH'", publish))
+        self._tag_add = client.register_script(_TAG_ADD)
+        self._node_scripts: dict[str, tuple[str, str]] = {
+            name: (text, hashlib.sha1(text.encode()).hexdigest())
+            for name, text in (("get", _GET_ON_NODE), ("hot", _GET_HOT_ON_NODE))
+        }
         self.version: int | None = None
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> Client:
         return self._client
+
+    @property
+    def cluster(self) -> bool:
+        return self._cluster
 
     def _key(self, kind: str, key: str) -> str:
         if self.version is None:
@@ -789,7 +950,20 @@ class RedisTier:
                 waiter.set_result(reply)
 
     async def _read_again(self, batches: _Batches, reads: list[tuple[str, ...]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
+        if self._cluster:
+            if batches is self._gets:
+                async with self._client.pipeline(transaction=False) as cluster_pipe:
+                    for (rkey,) in reads:
+                        cluster_pipe.get(rkey)
+                    return await cluster_pipe.execute(raise_on_error=False)
+            again: list[Any] = []
+            for keys in reads:
+                try:
+                    again.append(await self._get_hot(keys=keys, args=self._hot_args()))
+                except ResponseError as exc:
+                    again.append(exc)
+            return again
+        async with cast(aioredis.Redis, self._client).pipeline(transaction=False) as pipe:
             for keys in reads:
                 if batches is self._gets:
                     pipe.get(keys[0])
@@ -811,6 +985,75 @@ class RedisTier:
     def _get_hot_batch(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
         keys = [key for pair in reads for key in pair]
         return cast("Awaitable[list[Any]]", self._get_hot_many(keys=keys, args=self._hot_args()))
+
+    # -- reads batched per node, on a cluster ------------------------------------
+
+    def _get_on_nodes(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
+        return self._on_nodes("get", [], reads)
+
+    def _get_hot_on_nodes(self, reads: list[tuple[str, ...]]) -> Awaitable[list[Any]]:
+        return self._on_nodes("hot", self._hot_args(), reads)
+
+    async def _on_nodes(self, script: str, head: list[int], reads: list[tuple[str, ...]]) -> list[Any]:
+        """A batch of reads on a cluster: the keys of each node in one script
+        call to that node (a command such as MGET may not span slots; a
+        script flagged allow-cross-slot-keys may, within one node). A node's
+        call that fails for the cluster's sake (a slot moved, the node gone)
+        leaves its reads to the cluster client, which follows redirections
+        and reads the slot table again: nothing is read from a node that
+        does not own the key."""
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        try:
+            manager = self._client.nodes_manager  # type: ignore[union-attr]
+            for i, keys in enumerate(reads):
+                node = manager.get_node_from_slot(key_slot(keys[0].encode()))
+                groups.setdefault(node.name, (node, []))[1].append(i)
+        except RedisError:  # no slot table yet, or a slot not covered
+            return await self._read_routed(script, reads)
+        replies: list[Any] = [None] * len(reads)
+
+        async def node_batch(node: ClusterNode, indexes: list[int]) -> None:
+            mine = [reads[i] for i in indexes]
+            try:
+                found = await self._evalsha_on(node, script, [*head, *(k for keys in mine for k in keys)])
+                if len(found) != len(mine):
+                    raise ResponseError(f"a batch of {len(mine)} reads got {len(found)} replies")
+            except (ResponseError, RedisConnectionError, OSError):
+                found = await self._read_routed(script, mine)
+            for i, reply in zip(indexes, found, strict=True):
+                replies[i] = reply
+
+        await asyncio.gather(*(node_batch(node, indexes) for node, indexes in groups.values()))
+        return replies
+
+    async def _evalsha_on(self, node: ClusterNode, script: str, args: list[Any]) -> list[Any]:
+        text, sha = self._node_scripts[script]
+        try:
+            return cast(list[Any], await node.execute_command("EVALSHA", sha, 0, *args))
+        except NoScriptError:
+            await node.execute_command("SCRIPT", "LOAD", text)
+            return cast(list[Any], await node.execute_command("EVALSHA", sha, 0, *args))
+
+    async def _read_routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
+        """Reads one by one through the cluster client: one pipeline for plain
+        reads, in turn for hot ones (scripts). A key holding another type
+        reads as nil, as in a batch."""
+        if script == "get":
+            async with self._client.pipeline(transaction=False) as pipe:
+                for (rkey,) in reads:
+                    pipe.get(rkey)
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        else:
+            replies = []
+            for keys in reads:
+                try:
+                    replies.append(await self._get_hot(keys=keys, args=self._hot_args()))
+                except ResponseError as exc:
+                    replies.append(exc)
+        for reply in replies:
+            if isinstance(reply, Exception) and not _is_wrongtype(reply):
+                raise reply
+        return [None if isinstance(reply, Exception) else reply for reply in replies]
 
     async def _read(self, rkey: str, command: Awaitable[T]) -> T:
         """Read an entry key; a value of another type there is foreign data."""
@@ -987,10 +1230,31 @@ class RedisTier:
         keys = [self.entry_key(entry.key), self.lease_key(entry.key)]
         inline = "1" if len(blob) <= _INLINE_NOTIFICATION_BYTES else "0"
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
+        if entry.tags and self._cluster:
+            async with self._tag_apart(entry):
+                return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
         if entry.tags:
             keys += [self.tag_key(tag) for tag in entry.tags]
             args += [entry.key, self._tag_life_ms(entry)]
         return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+
+    @contextlib.asynccontextmanager
+    async def _tag_apart(self, entry: Entry) -> AsyncIterator[None]:
+        """On a cluster, where a tag's set is in another slot than its entry:
+        add the entry to its tags' sets before it is written and again after.
+        Before: an invalidation of the tag that starts while the entry is
+        being written takes the entry with it. After: one that took over the
+        set in between left a new set, which must have the entry too. Either
+        way an entry is never in Redis, unlisted, past an invalidation that
+        began after it was written."""
+        await self._add_to_tags(entry)
+        yield
+        await self._add_to_tags(entry)
+
+    async def _add_to_tags(self, entry: Entry) -> None:
+        args: list[str | int] = [entry.key, self._tag_life_ms(entry)]
+        for tag in entry.tags:
+            await self._call("TAG", self._tag_add(keys=[self.tag_key(tag)], args=args))
 
     def _tag_life_ms(self, entry: Entry) -> int:
         """How long from now an entry may live at the latest: its tags' sets
@@ -1035,7 +1299,11 @@ class RedisTier:
             raise TierUnavailableError(f"redis {op}: skipped, Redis failed repeatedly (circuit open)")
         deadline = self._budget.start()
         try:
-            result = await command
+            if self._gate is None:
+                result = await command
+            else:
+                async with self._gate:
+                    result = await command
         except asyncio.CancelledError:
             # Ours only if the budget fired and nobody else cancelled the task.
             if deadline.fired and deadline.task.uncancel() == 0:
@@ -1072,6 +1340,10 @@ class RedisTier:
         if not entry.tags:
             await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
             return True
+        if self._cluster:
+            async with self._tag_apart(entry):
+                await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
+            return True
         keys = [rkey, *(self.tag_key(tag) for tag in entry.tags)]
         args: list[bytes | str | int] = [blob, ttl_ms, entry.key, self._tag_life_ms(entry)]
         await self._call("SET", self._set_tagged(keys=keys, args=args))
@@ -1082,10 +1354,16 @@ class RedisTier:
     async def sync_state(self) -> tuple[int, bytes, int]:
         """The namespace version, and the id and number of the invalidations
         published."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.get(self._version_key)
-            await self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)], client=pipe)
-            raw_version, (raw_id, raw_seq) = await self._call("sync state", pipe.execute())
+        if self._cluster:  # two slots: two commands
+            raw_version = await self._call("sync state", self._client.get(self._version_key))
+            raw_id, raw_seq = await self._call(
+                "sync state", self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)])
+            )
+        else:
+            async with cast(aioredis.Redis, self._client).pipeline(transaction=False) as pipe:
+                pipe.get(self._version_key)
+                await self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)], client=pipe)
+                raw_version, (raw_id, raw_seq) = await self._call("sync state", pipe.execute())
         try:
             return int(raw_version or 0), bytes(raw_id), int(raw_seq or 0)
         except (TypeError, ValueError):
@@ -1111,8 +1389,17 @@ class RedisTier:
         removed = 0
         for start in range(0, len(hashes), UNLINK_BATCH):
             rkeys = [self.entry_key(h) for h in hashes[start : start + UNLINK_BATCH]]
-            removed += int(await self._call("UNLINK", self._client.unlink(*rkeys)))
+            removed += await self._unlink_keys(rkeys)
         return removed
+
+    async def _unlink_keys(self, rkeys: list[str]) -> int:
+        if not self._cluster:
+            return int(await self._call("UNLINK", self._client.unlink(*rkeys)))
+        # Keys in many slots: one UNLINK each, one connection per node.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for rkey in rkeys:
+                pipe.unlink(rkey)
+            return sum(int(n) for n in await self._call("UNLINK", pipe.execute()))
 
     async def retire_tag(self, tag: str) -> int:
         """Delete every entry tagged ``tag``, in batches; return how many existed.
@@ -1129,6 +1416,10 @@ class RedisTier:
             if not members:
                 return removed
             hashes = [m.decode() for m in cast(list[bytes], members)]
+            if self._cluster:
+                removed += await self._unlink_keys([self.entry_key(h) for h in hashes])
+                await self._call("ZREM tag", self._client.zrem(retiring, *members))
+                continue
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.unlink(*[self.entry_key(h) for h in hashes])
                 pipe.zrem(retiring, *members)
@@ -1140,17 +1431,33 @@ class RedisTier:
         KEYS); ``match`` is a Redis glob on the hash. An entry written or
         deleted during the scan may or may not be seen."""
         prefix = self.entry_key("")[:-2]  # "alc:<ns>:<ver>:e:"
-        cursor = 0
-        while True:
-            cursor, rkeys = await self._call(
-                "SCAN",
-                self._client.scan(cursor, match=f"{prefix}{{{match}}}", count=SCAN_BATCH),
-            )
-            hashes = [k.decode()[len(prefix) + 1 : -1] for k in cast(list[bytes], rkeys)]
-            if hashes:
-                yield hashes
-            if cursor == 0:
-                return
+        pattern = f"{prefix}{{{match}}}"
+        if not self._cluster:
+            cursor = 0
+            while True:
+                command = self._client.scan(cursor, match=pattern, count=SCAN_BATCH)
+                cursor, rkeys = await self._call("SCAN", command)
+                hashes = [k.decode()[len(prefix) + 1 : -1] for k in cast(list[bytes], rkeys)]
+                if hashes:
+                    yield hashes
+                if cursor == 0:
+                    return
+        # Every primary in turn, each with its own cursor. If a primary fails
+        # midway the scan fails: the invalidation reports it, and can be run
+        # again once the cluster has settled.
+        cluster = cast(RedisCluster, self._client)
+        await self._call("SCAN", cluster.initialize())
+        for primary in cluster.get_primaries():
+            cursor = 0
+            while True:
+                scan: Any = cluster.scan(cursor, match=pattern, count=SCAN_BATCH, target_nodes=primary)
+                cursors, rkeys = await self._call("SCAN", scan)
+                cursor = int(next(iter(cursors.values()), 0))
+                hashes = [k.decode()[len(prefix) + 1 : -1] for k in cast(list[bytes], rkeys)]
+                if hashes:
+                    yield hashes
+                if cursor == 0:
+                    break
 
     async def read_headers(self, hashes: list[str]) -> list[Header | None]:
         """The headers of these entries (None: gone or not an entry), reading
@@ -1187,4 +1494,7 @@ class RedisTier:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.breaker.aclose()
         if self._owns_client:
-            await self._call("close", self._client.aclose(close_connection_pool=True))
+            if isinstance(self._client, RedisCluster):
+                await self._call("close", self._client.aclose())
+            else:
+                await self._call("close", self._client.aclose(close_connection_pool=True))
