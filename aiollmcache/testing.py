@@ -803,6 +803,17 @@ class RedisClusterServer:
         """Crash one node (SIGKILL)."""
         server.kill()
 
+    def pause(self) -> None:
+        """Freeze every node (SIGSTOP), as a hung cluster."""
+        for server in self.servers:
+            if server.running:
+                server.pause()
+
+    def resume(self) -> None:
+        for server in self.servers:
+            if server.running:
+                server.resume()
+
     def stop(self) -> None:
         for server in self.servers:
             server.stop()

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI
+from redis.asyncio.cluster import RedisCluster
 
 from aiollmcache import LLMCache, OpenAIUpstream, Upstream
 from aiollmcache.testing import FakeOpenAI, RedisClusterServer, RedisServer
@@ -105,6 +106,27 @@ async def make_cache(
     yield make
     for c in made:
         await c.aclose()
+
+
+async def all_keys(client: Any, pattern: str) -> list[bytes]:
+    """KEYS on a single Redis or on every primary of a cluster (tests only:
+    the cache itself never uses KEYS)."""
+    if isinstance(client, RedisCluster):
+        found = await client.keys(pattern, target_nodes=RedisCluster.PRIMARIES)
+        return sorted(found)
+    return cast(list[bytes], await client.keys(pattern))
+
+
+async def subscribers(client: Any, channel: str) -> int:
+    """How many connections subscribe ``channel`` (on a cluster: the sharded
+    channel, on the primary that owns its slot)."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+        node = client.get_node_from_key(channel)
+        ((_, count),) = await client.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node)
+        return int(count)
+    ((_, count),) = await client.pubsub_numsub(channel)
+    return int(count)
 
 
 def user(text: str) -> list[dict[str, str]]:

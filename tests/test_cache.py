@@ -21,9 +21,9 @@ from aiollmcache import (
 )
 from aiollmcache.testing import FakeOpenAI, RedisServer, chat_completion
 
-from .conftest import MODEL, AnyRedis, signalling, user
+from .conftest import MODEL, AnyRedis, all_keys, signalling, user
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 
 async def test_miss_then_memory_hit(cache: LLMCache, fake: FakeOpenAI) -> None:
@@ -69,7 +69,7 @@ async def test_redis_key_layout_and_ttl(cache: LLMCache, redis_server: AnyRedis,
     result = await cache.complete(user("layout"), cache=CacheControl(ttl=120))
     r = redis_server.client()
     try:
-        keys = await r.keys(f"alc:{namespace}:*")
+        keys = await all_keys(r, f"alc:{namespace}:*")
         entry_key = f"alc:{namespace}:0:e:{{{result.key}}}".encode()
         assert sorted(keys) == [entry_key, f"alc:{namespace}:sync".encode()]  # + the invalidation count
         pttl = await r.pttl(entry_key)
@@ -169,7 +169,7 @@ async def test_large_answers_are_compressed_in_redis(
         first = await c.complete(user("big"))
         r = redis_server.client()
         try:
-            (key,) = await r.keys("alc:*{" + first.key + "}")
+            (key,) = await all_keys(r, "alc:*{" + first.key + "}")
             assert await r.strlen(key) < 20_000
         finally:
             await r.aclose()

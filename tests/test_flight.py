@@ -21,15 +21,15 @@ from aiollmcache import (
 )
 from aiollmcache.testing import FakeOpenAI
 
-from .conftest import AnyRedis, signalling, until, user
+from .conftest import AnyRedis, all_keys, signalling, until, user
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 
 async def redis_keys(redis_server: AnyRedis, pattern: str) -> list[bytes]:
     r = redis_server.client()
     try:
-        return sorted(await r.keys(pattern))
+        return sorted(await all_keys(r, pattern))
     finally:
         await r.aclose()
 
@@ -60,6 +60,7 @@ async def test_two_caches_share_one_call_and_are_woken_by_the_holder(
     assert holder.stats()["lease_committed"] == 1
 
 
+@pytest.mark.single_redis  # cuts one server's pub/sub connections
 async def test_a_lost_notification_costs_one_bounded_wait(
     make_cache: Callable[..., LLMCache],
     fake: FakeOpenAI,

@@ -15,9 +15,9 @@ import pytest
 from aiollmcache import CacheControl, LLMCache
 from aiollmcache.testing import FakeOpenAI
 
-from .conftest import AnyRedis, user
+from .conftest import AnyRedis, all_keys, user
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 
 async def test_stale_answer_is_served_at_once_and_refreshed_once(
@@ -122,7 +122,7 @@ async def test_closing_with_refreshes_in_flight_leaves_nothing_behind(
     assert not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith("LLMCache.")]
     r = redis_server.client()
     try:
-        assert await r.keys(f"alc:{namespace}:*:l:*") == []  # the cancelled refresh gave its lease back
+        assert await all_keys(r, f"alc:{namespace}:*:l:*") == []  # the cancelled refresh gave its lease back
     finally:
         await r.aclose()
 

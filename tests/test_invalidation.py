@@ -28,9 +28,9 @@ from aiollmcache import (
 from aiollmcache.testing import FakeOpenAI, chat_completion
 from aiollmcache.tiers.redis import RedisTier
 
-from .conftest import MODEL, AnyRedis, signalling, until, user
+from .conftest import MODEL, AnyRedis, all_keys, signalling, until, user
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,6 +237,7 @@ async def test_a_lost_message_is_caught_up_by_the_periodic_check(
     assert (await worker.call("question"))["source"] == "upstream"
 
 
+@pytest.mark.single_redis  # kills pub/sub connections in a transaction
 async def test_a_dropped_subscriber_connection_still_converges(
     start_worker: Callable[..., Any], admin: aioredis.Redis, namespace: str
 ) -> None:
@@ -284,14 +285,14 @@ async def test_a_version_bump_retires_every_entry_without_scanning(
     cache, other = make_cache(), make_cache()
     await cache.complete(user("question"))
     assert (await other.complete(user("question"))).source == "redis"
-    before = await admin.keys(f"alc:{namespace}:0:e:*")  # the test may use KEYS; the cache never does
+    before = await all_keys(admin, f"alc:{namespace}:0:e:*")  # the test may use KEYS; the cache never does
     assert len(before) == 1
     assert await other.invalidate(everything=True) is None
     assert await admin.get(f"alc:{namespace}:version") == b"1"
-    assert await admin.keys(f"alc:{namespace}:0:e:*") == before  # left to expire
+    assert await all_keys(admin, f"alc:{namespace}:0:e:*") == before  # left to expire
     assert await cache.sync()
     assert (await cache.complete(user("question"))).source == "upstream"
-    assert await admin.keys(f"alc:{namespace}:1:e:*")
+    assert await all_keys(admin, f"alc:{namespace}:1:e:*")
 
 
 async def test_an_answer_read_before_an_invalidation_is_not_kept_in_memory(
@@ -439,7 +440,7 @@ async def test_a_pattern_scan_skips_foreign_and_corrupt_values(
     assert await cache.invalidate(pattern=Pattern(system_contains="Persona: pirate.")) == 20
     assert await cache.invalidate(pattern=Pattern(system="")) == 5  # no system prompt at all
     assert await cache.invalidate(pattern=Pattern(key="*")) == 0  # only the foreign values are left
-    assert len(await admin.keys(f"alc:{namespace}:0:e:*")) == 3  # the foreign values, untouched
+    assert len(await all_keys(admin, f"alc:{namespace}:0:e:*")) == 3  # the foreign values, untouched
     assert (await cache.complete([*system, *user("q0")])).source == "upstream"
 
 

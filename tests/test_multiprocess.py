@@ -17,9 +17,9 @@ from aiollmcache import LLMCache
 from aiollmcache.request import build_chat_request
 from aiollmcache.testing import FakeOpenAI
 
-from .conftest import AnyRedis, until, user
+from .conftest import AnyRedis, all_keys, subscribers, until, user
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -140,8 +140,7 @@ async def test_killed_holder_is_replaced_by_exactly_one_waiter(
         channel = f"alc:{namespace}:0:n:{{{request_key(fake, prompt)}}}"
 
         async def both_waiting() -> bool:
-            ((_, count),) = await r.pubsub_numsub(channel)
-            return bool(count == 2)
+            return await subscribers(r, channel) == 2
 
         await until(both_waiting)
         holder.proc.send_signal(signal.SIGKILL)
@@ -178,7 +177,7 @@ async def test_upstream_failure_reaches_every_process_without_a_retry_storm(
     assert errors == {"InternalServerError": 50, "RemoteUpstreamError": 100}
     r = redis_server.client()
     try:
-        assert await r.keys(f"alc:{namespace}:0:*") == []  # no entry, no lease left behind
+        assert await all_keys(r, f"alc:{namespace}:0:*") == []  # no entry, no lease left behind
     finally:
         await r.aclose()
 

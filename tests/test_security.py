@@ -17,7 +17,7 @@ from aiollmcache.crypto import AESGCMSealer
 from aiollmcache.entry import decode_entry, encode_entry
 from aiollmcache.testing import FakeOpenAI, RedisServer
 
-from .conftest import MODEL, AnyRedis, user
+from .conftest import MODEL, AnyRedis, all_keys, user
 
 PACKAGE = Path(__file__).resolve().parent.parent / "aiollmcache"
 SECRET = "my card number is 4111-1111-1111-1111"
@@ -45,7 +45,7 @@ async def test_keys_and_channels_reveal_no_prompt_text(
     await cache.complete([{"role": "system", "content": SYSTEM}, *user(SECRET)])
     admin = redis_server.client()
     try:
-        names = [k.decode() for k in await admin.keys(f"alc:{namespace}:*")]
+        names = [k.decode() for k in await all_keys(admin, f"alc:{namespace}:*")]
         names += [c.decode() for c in await admin.pubsub_channels(f"alc:{namespace}:*")]
     finally:
         await admin.aclose()

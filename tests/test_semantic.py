@@ -27,10 +27,10 @@ from aiollmcache import (
 )
 from aiollmcache.testing import FakeOpenAI
 
-from .conftest import MODEL, AnyRedis, until, user
+from .conftest import MODEL, AnyRedis, all_keys, until, user
 from .test_invalidation import CacheWorker
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 QUESTION = "What is the capital of France?"
 PARAPHRASE = "Tell me the capital of France"
@@ -193,7 +193,7 @@ async def test_an_answer_written_by_another_process_is_found(
         try:
 
             async def stream_written() -> bool:
-                return bool(await admin.keys(f"alc:{namespace}:0:v:*"))
+                return bool(await all_keys(admin, f"alc:{namespace}:0:v:*"))
 
             await until(stream_written)
         finally:
@@ -310,7 +310,7 @@ async def test_a_foreign_record_in_a_partition_is_skipped(
     await until(_indexed(cache, 1))
     admin = redis_server.client()
     try:
-        (stream,) = await admin.keys(f"alc:{namespace}:0:v:*")
+        (stream,) = await all_keys(admin, f"alc:{namespace}:0:v:*")
         await admin.xadd(stream, {"k": "zz", "v": b"\x00\x01", "d": "f9", "x": "soon"})
     finally:
         await admin.aclose()

@@ -18,7 +18,7 @@ from aiollmcache.testing import FakeOpenAI
 from .conftest import MODEL, AnyRedis, user
 from .test_invalidation import CacheWorker
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
 PROMPT = "Tell me a long story about a fox who learns to read"
 ANSWER = f"Answer to: {PROMPT}"

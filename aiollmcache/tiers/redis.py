@@ -1398,7 +1398,7 @@ class RedisTier:
         # Keys in many slots: one UNLINK each, one connection per node.
         async with self._client.pipeline(transaction=False) as pipe:
             for rkey in rkeys:
-                pipe.unlink(rkey)
+                pipe.execute_command("UNLINK", rkey)
             return sum(int(n) for n in await self._call("UNLINK", pipe.execute()))
 
     async def retire_tag(self, tag: str) -> int:
