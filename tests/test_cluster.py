@@ -1,0 +1,136 @@
+"""Redis Cluster under change: a primary killed and its replica promoted, a
+slot migrated under the cache's feet. Each test starts its own cluster of 3
+primaries with a replica each."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+from openai import AsyncOpenAI
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from aiollmcache import LLMCache
+from aiollmcache.testing import FakeOpenAI, RedisClusterServer
+
+from .conftest import MODEL, until, user
+
+pytestmark = pytest.mark.asyncio
+
+PROMPTS = [f"cluster question {i}" for i in range(30)]
+
+
+@pytest.fixture
+def cluster() -> Iterator[RedisClusterServer]:
+    with RedisClusterServer(primaries=3, replicas=1, node_timeout_ms=1000) as server:
+        yield server
+
+
+@pytest_asyncio.fixture
+async def admin(cluster: RedisClusterServer) -> AsyncIterator[RedisCluster]:
+    client = cluster.client()
+    await client.initialize()
+    yield client
+    await client.aclose()
+
+
+def answers_right(prompt: str, content: str | None) -> bool:
+    return content == f"Answer to: {prompt}"
+
+
+async def test_a_primary_killed_and_its_replica_promoted(
+    cluster: RedisClusterServer, admin: RedisCluster, fake: FakeOpenAI, openai_client: AsyncOpenAI
+) -> None:
+    """While a primary is down every call gets the right answer (the breaker
+    soon skips the cluster: answers come from the model); once its replica
+    has taken over, the same cache uses Redis again without a restart, and a
+    stampede still costs one call."""
+    common = {"openai": openai_client, "model": MODEL, "namespace": "failover", "memory_max_entries": 0}
+    async with LLMCache(redis_url=cluster.url, breaker_probe_interval=0.2, **common) as cache:  # type: ignore[arg-type]
+        for prompt in PROMPTS:
+            await cache.complete(user(prompt))
+        assert fake.calls() == len(PROMPTS)
+        assert {(await cache.complete(user(p))).source for p in PROMPTS} == {"redis"}
+
+        primaries = cluster.primaries()
+        victim = next(s for s in primaries if f":{s.port}" not in cluster.url)
+        on_victim = [p for p in PROMPTS if _owner_port(admin, (await cache.complete(user(p))).key) == victim.port]
+        assert on_victim  # 30 keys over 3 primaries
+        cluster.kill(victim)
+
+        # Through the failover: every call answers, and answers right.
+        failover = asyncio.create_task(asyncio.to_thread(cluster.wait_healthy, 30.0))
+        while not failover.done():
+            results = await asyncio.gather(*(cache.complete(user(p)) for p in PROMPTS))
+            for prompt, result in zip(PROMPTS, results, strict=True):
+                assert answers_right(prompt, result.response.choices[0].message.content)
+        await failover
+
+        # Recovered without a restart: what was on the dead primary is read
+        # from its promoted replica (or was written again meanwhile).
+        async def redis_again() -> bool:
+            results = await asyncio.gather(*(cache.complete(user(p)) for p in PROMPTS))
+            return all(r.source == "redis" for r in results)
+
+        await until(redis_again, seconds=20)
+        stats = cache.stats()
+        assert stats["redis_errors"] > 0  # the failover was seen, and counted
+
+        # A stampede on the healed cluster: 2 caches x 20 callers, one call.
+        async with LLMCache(redis_url=cluster.url, **common) as other:  # type: ignore[arg-type]
+            before = fake.calls("after the failover")
+            fake.latency = 0.3
+            results = await asyncio.gather(
+                *(c.complete(user("after the failover")) for c in (cache, other) for _ in range(20))
+            )
+            assert fake.calls("after the failover") - before == 1
+            assert len({r.response.id for r in results}) == 1
+
+
+async def test_a_slot_migrated_under_the_cache(
+    cluster: RedisClusterServer, admin: RedisCluster, fake: FakeOpenAI, openai_client: AsyncOpenAI
+) -> None:
+    """Reads of a slot caught mid-migration (ASK) and after it (MOVED), alone
+    and batched per node, get the entry from wherever it is now."""
+    common = {"openai": openai_client, "model": MODEL, "namespace": "migration", "memory_max_entries": 0}
+    async with LLMCache(redis_url=cluster.url, **common) as cache:  # type: ignore[arg-type]
+        keys = {p: (await cache.complete(user(p))).key for p in PROMPTS}
+        moving = PROMPTS[0]
+        entry = f"alc:migration:0:e:{{{keys[moving]}}}"
+        slot = key_slot(entry.encode())
+        source = admin.get_node_from_key(entry)
+        assert source is not None
+        target = next(n for n in admin.get_primaries() if n.name != source.name)
+        source_id = (await admin.execute_command("CLUSTER MYID", target_nodes=source)).decode()
+        target_id = (await admin.execute_command("CLUSTER MYID", target_nodes=target)).decode()
+
+        async def all_right() -> None:
+            results = await asyncio.gather(*(cache.complete(user(p)) for p in PROMPTS))
+            for prompt, result in zip(PROMPTS, results, strict=True):
+                assert answers_right(prompt, result.response.choices[0].message.content)
+                assert result.source == "redis", (prompt, result.source)
+
+        await admin.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id, target_nodes=target)
+        await admin.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id, target_nodes=source)
+        names = await admin.execute_command("CLUSTER GETKEYSINSLOT", slot, 100, target_nodes=source)
+        assert entry in names
+        await admin.execute_command(
+            "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *names, target_nodes=source
+        )
+        await all_right()  # mid-migration: the key is on the target, the slot not yet
+        for node in admin.get_primaries():
+            await admin.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id, target_nodes=node)
+        await all_right()  # migrated: the cache's slot table is out of date
+        await all_right()
+        assert fake.calls() == len(PROMPTS)
+        assert cache.stats()["redis_errors"] == 0
+
+
+def _owner_port(admin: RedisCluster, key: str) -> int:
+    node = admin.get_node_from_key(f"alc:failover:0:e:{{{key}}}")
+    assert node is not None
+    return int(node.port)
+
