@@ -100,7 +100,9 @@ async def worker(options: dict[str, Any]) -> None:
 
             await asyncio.gather(*(once(i) for i in range(options["callers"])))
     await client.close()
-    sys.stdout.write(orjson.dumps({"latencies": latencies, "sources": sources, "errors": errors}).decode() + "\n")
+    sys.stdout.write(
+        orjson.dumps({"latencies": latencies, "sources": sources, "errors": errors}).decode() + "\n"
+    )
 
 
 # -- driver -------------------------------------------------------------------------
@@ -111,7 +113,9 @@ async def run_workers(options: dict[str, Any], processes: int) -> list[dict[str,
     procs = []
     for i in range(processes):
         argv = [sys.executable, __file__, "--worker", orjson.dumps({**options, "seed": i}).decode()]
-        procs.append(await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, cwd=Path(__file__).parent))
+        procs.append(
+            await asyncio.create_subprocess_exec(*argv, stdin=pipe, stdout=pipe, cwd=Path(__file__).parent)
+        )
     for proc in procs:
         assert proc.stdout is not None
         line = await proc.stdout.readline()
@@ -215,7 +219,9 @@ async def drive(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--processes", type=int, default=3)
     parser.add_argument("--callers", type=int, default=64)

@@ -1011,28 +1011,57 @@ class RedisTier:
         except RedisError:  # no slot table yet, or a slot not covered
             return await self._read_routed(script, reads)
         replies: list[Any] = [None] * len(reads)
-
-        async def node_batch(node: ClusterNode, indexes: list[int]) -> None:
-            mine = [reads[i] for i in indexes]
-            try:
-                found = await self._evalsha_on(node, script, [*head, *(k for keys in mine for k in keys)])
-                if len(found) != len(mine):
-                    raise ResponseError(f"a batch of {len(mine)} reads got {len(found)} replies")
-            except (ResponseError, RedisConnectionError, OSError):
-                found = await self._read_routed(script, mine)
-            for i, reply in zip(indexes, found, strict=True):
+        calls = [
+            (node, indexes, [*head, *(k for i in indexes for k in reads[i])])
+            for node, indexes in groups.values()
+        ]
+        found = await self._evalsha_on_nodes(script, [(node, args) for node, _, args in calls])
+        for (_, indexes, _), answer in zip(calls, found, strict=True):
+            if not isinstance(answer, list) or len(answer) != len(indexes):
+                answer = await self._read_routed(script, [reads[i] for i in indexes])
+            for i, reply in zip(indexes, answer, strict=True):
                 replies[i] = reply
-
-        await asyncio.gather(*(node_batch(node, indexes) for node, indexes in groups.values()))
         return replies
 
-    async def _evalsha_on(self, node: ClusterNode, script: str, args: list[Any]) -> list[Any]:
+    async def _evalsha_on_nodes(self, script: str, calls: list[tuple[ClusterNode, list[Any]]]) -> list[Any]:
+        """One script call on each node, all sent before any reply is read
+        (no task per node); each node's reply, or the exception it met. A
+        connection whose reply was not read is closed, never reused."""
         text, sha = self._node_scripts[script]
+        taken: list[tuple[ClusterNode, Any]] = []
+        answers: list[Any] = []
+        done = 0
         try:
-            return cast(list[Any], await node.execute_command("EVALSHA", sha, 0, *args))
-        except NoScriptError:
-            await node.execute_command("SCRIPT", "LOAD", text)
-            return cast(list[Any], await node.execute_command("EVALSHA", sha, 0, *args))
+            for node, args in calls:
+                connection = node.acquire_connection()
+                taken.append((node, connection))
+                await node.disconnect_if_needed(connection)
+                await connection.send_packed_command(connection.pack_command("EVALSHA", sha, 0, *args))
+            for _, connection in taken:
+                try:
+                    answers.append(await connection.read_response())
+                except ResponseError as exc:  # an error reply: the connection is fine
+                    answers.append(exc)
+                done += 1
+        except BaseException as exc:
+            for _, connection in taken[done:]:
+                with contextlib.suppress(RedisError, OSError):
+                    await connection.disconnect()
+            if not isinstance(exc, (RedisError, OSError)):
+                raise
+            answers += [exc] * (len(calls) - len(answers))
+        finally:
+            for node, connection in taken:
+                node.release(connection)
+        for n, answer in enumerate(answers):
+            if isinstance(answer, NoScriptError):  # a node restarted, or a new one
+                node, args = calls[n]
+                try:
+                    await node.execute_command("SCRIPT", "LOAD", text)
+                    answers[n] = await node.execute_command("EVALSHA", sha, 0, *args)
+                except (RedisError, OSError) as exc:
+                    answers[n] = exc
+        return answers
 
     async def _read_routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
         """Reads one by one through the cluster client: one pipeline for plain
