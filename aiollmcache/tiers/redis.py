@@ -1331,8 +1331,16 @@ class RedisTier:
             if self._gate is None:
                 result = await command
             else:
-                async with self._gate:
+                try:
+                    await self._gate.acquire()
+                except BaseException:
+                    if inspect.iscoroutine(command):
+                        command.close()  # never sent: no "never awaited" warning
+                    raise
+                try:
                     result = await command
+                finally:
+                    self._gate.release()
         except asyncio.CancelledError:
             # Ours only if the budget fired and nobody else cancelled the task.
             if deadline.fired and deadline.task.uncancel() == 0:
