@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, Literal, TypeVar
 
 import orjson
-from redis.exceptions import RedisError
 
 from ._log import RateLimitedLogger, logger
 from .entry import Entry
 from .errors import CorruptEntryError, RemoteUpstreamError, TierError, WaitTimeoutError
 from .tiers.pubsub import RESYNC, PubSubHub, Subscription
-from .tiers.redis import RedisTier
+from .tiers.redis import REDIS_ERRORS, RedisTier
 
 __all__ = [
     "RETRY",
@@ -315,7 +314,7 @@ class Coordinator:
     async def _subscribe(self, key: str) -> Subscription | None:
         try:
             return await self._subscriber.subscribe(self._tier.channel(key))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             # Without notifications, fall back to bounded waits and re-checks.
             logger.debug("pub/sub subscribe failed, waiting without notifications: %s", exc)
             return None
@@ -369,7 +368,7 @@ class Coordinator:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             raise
-        except (TierError, RedisError, OSError) as exc:
+        except (TierError, *REDIS_ERRORS) as exc:
             self._log.warning("release", "could not release a lease: %s", exc)
 
     async def _renew(self, key: str, token: str) -> None:

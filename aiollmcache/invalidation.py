@@ -35,13 +35,12 @@ from fnmatch import fnmatchcase
 from typing import Any, Final
 
 import orjson
-from redis.exceptions import RedisError
 
 from ._log import RateLimitedLogger
 from .entry import Entry
 from .errors import CorruptEntryError, InvalidRequestError, TierError
 from .tiers.pubsub import RESYNC, PubSubHub, Subscription
-from .tiers.redis import RedisTier
+from .tiers.redis import REDIS_ERRORS, RedisTier
 
 __all__ = ["Invalidation", "InvalidationBus", "InvalidationKind", "Pattern", "retire", "validate_key"]
 
@@ -313,7 +312,7 @@ class InvalidationBus:
             self._subscription = await self._subscriber.subscribe(
                 self._tier.invalidation_channel, self._on_message
             )
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self.stats.check_errors += 1
             self._log.warning("sync", "cannot subscribe to invalidations, will retry: %s", exc)
 

@@ -16,7 +16,7 @@ from redis.crc import key_slot
 from aiollmcache import LLMCache
 from aiollmcache.testing import FakeOpenAI, RedisClusterServer
 
-from .conftest import MODEL, until, user
+from .conftest import MODEL, subscribers, until, user
 
 pytestmark = pytest.mark.asyncio
 
@@ -139,3 +139,55 @@ def _owner_port(admin: RedisCluster, key: str) -> int:
     node = admin.get_node_from_key(f"alc:failover:0:e:{{{key}}}")
     assert node is not None
     return int(node.port)
+
+
+async def test_a_dropped_shard_channel_is_subscribed_again(
+    cluster: RedisClusterServer, admin: RedisCluster, fake: FakeOpenAI, openai_client: AsyncOpenAI
+) -> None:
+    """Redis drops the shard channels of a slot when the slot is assigned
+    (here: again to its owner). The invalidation subscription is made again,
+    and invalidations keep reaching the memory tier by message."""
+    common = {"openai": openai_client, "model": MODEL, "namespace": "resub"}
+    async with (
+        LLMCache(redis_url=cluster.url, sync_interval=60, **common) as cache,  # type: ignore[arg-type]
+        LLMCache(redis_url=cluster.url, **common) as other,  # type: ignore[arg-type]
+    ):
+        await cache.complete(user("kept in memory"))
+        assert (await cache.complete(user("kept in memory"))).source == "memory"
+        channel = "alc:resub:sync"
+        assert await subscribers(admin, channel) == 2
+        owner = admin.get_node_from_key(channel)
+        assert owner is not None
+        owner_id = (await admin.execute_command("CLUSTER MYID", target_nodes=owner)).decode()
+        await admin.execute_command(
+            "CLUSTER SETSLOT", key_slot(channel.encode()), "NODE", owner_id, target_nodes=owner
+        )
+
+        async def both_back() -> bool:
+            return await subscribers(admin, channel) == 2
+
+        await until(both_back)
+        applied = asyncio.Event()
+        cache.add_invalidation_listener(lambda _: applied.set())
+        await other.invalidate(everything=True)
+        await asyncio.wait_for(applied.wait(), 5)
+        assert (await cache.complete(user("kept in memory"))).source == "upstream"
+
+
+async def test_the_whole_cluster_down(
+    cluster: RedisClusterServer, fake: FakeOpenAI, openai_client: AsyncOpenAI
+) -> None:
+    """Every node gone: calls are answered by the model, the breaker opens,
+    and the cache closes cleanly."""
+    common = {"openai": openai_client, "model": MODEL, "namespace": "down", "memory_max_entries": 0}
+    cache = LLMCache(redis_url=cluster.url, **common)  # type: ignore[arg-type]
+    async with cache:
+        await cache.complete(user("before"))
+        for server in list(cluster.servers):
+            cluster.kill(server)
+        for i in range(10):
+            result = await cache.complete(user(f"while down {i}"))
+            assert answers_right(f"while down {i}", result.response.choices[0].message.content)
+        stats = cache.stats()
+        assert stats["redis_errors"] > 0
+        assert stats["redis_breaker_opened"] == 1

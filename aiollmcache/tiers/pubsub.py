@@ -28,6 +28,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError, SlotNotCoveredError
 
 from .._log import RateLimitedLogger, logger
+from .redis import REDIS_ERRORS
 
 __all__ = ["RESYNC", "PubSubHub", "ShardedSubscriber", "Subscriber", "Subscription"]
 
@@ -111,11 +112,12 @@ class Subscriber:
         *,
         timeout: float,
         sharded: bool = False,
-        on_lost: Callable[[], None] | None = None,
+        on_lost: Callable[[Subscription | None], None] | None = None,
     ) -> None:
         self._client = client
         self._timeout = timeout
         self._sharded = sharded
+        self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent, answers not yet seen
         self._on_lost = on_lost  # called when the connection fails or Redis drops a channel
         self._pubsub: Any = None  # redis.asyncio.client.PubSub, created on first use
         self._subscriptions: dict[bytes, Subscription] = {}
@@ -193,6 +195,7 @@ class Subscriber:
             async with asyncio.timeout(self._timeout):
                 async with self._lock:
                     if self._sharded:
+                        self._unsubscribing[name] = self._unsubscribing.get(name, 0) + 1
                         await self._pubsub.sunsubscribe(name)
                     else:
                         await self._pubsub.unsubscribe(name)
@@ -248,7 +251,7 @@ class Subscriber:
                 self._log.warning("pubsub", "pub/sub connection lost, reconnecting: %s", exc)
                 self._resync()
                 if self._on_lost is not None:
-                    self._on_lost()
+                    self._on_lost(None)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_MAX)
                 continue
@@ -262,11 +265,14 @@ class Subscriber:
             subscription = self._subscriptions.get(channel)  # type: ignore[arg-type]
             if subscription is not None:
                 subscription._put(message["data"])
-        elif kind == "sunsubscribe" and channel in self._subscriptions:
-            # Not asked for: the channel's slot moved to another node.
-            self._subscriptions[channel]._put(RESYNC)
-            if self._on_lost is not None:
-                self._on_lost()
+        elif kind == "sunsubscribe":
+            if self._unsubscribing.get(channel):  # type: ignore[arg-type]
+                self._unsubscribing[channel] -= 1  # type: ignore[index]  # the answer to ours
+            elif (dropped := self._subscriptions.get(channel)) is not None:  # type: ignore[arg-type]
+                # Not asked for: Redis dropped it (its slot moved, or was set again).
+                dropped._put(RESYNC)
+                if self._on_lost is not None:
+                    self._on_lost(dropped)
         elif kind in ("subscribe", "ssubscribe"):
             confirmed = self._confirmations.pop(channel, None)  # type: ignore[arg-type]
             if confirmed is not None and not confirmed.done():
@@ -305,6 +311,8 @@ class ShardedSubscriber:
         self._timeout = timeout
         self._nodes: dict[str, Subscriber] = {}
         self._reroute: asyncio.Task[None] | None = None
+        self._homeless: list[Subscription] = []  # to subscribe again, on whichever node
+        self._dirty = False
         self._closed = False
         self._log = RateLimitedLogger()
 
@@ -342,20 +350,27 @@ class ShardedSubscriber:
         results = await asyncio.gather(*(s.barrier() for s in subscribers))
         return all(results)
 
-    def _lost(self) -> None:
+    def _lost(self, dropped: Subscription | None = None) -> None:
+        """A connection failed (``dropped`` None) or Redis dropped a channel
+        we did not unsubscribe (its slot moved, or was set again): that one
+        is subscribed afresh, wherever its owner is now."""
+        if dropped is not None and dropped._subscriber._release(dropped):
+            self._homeless.append(dropped)
+        self._dirty = True
         if self._closed or (self._reroute is not None and not self._reroute.done()):
             return
         loop = asyncio.get_running_loop()
         self._reroute = loop.create_task(self._move(), name="aiollmcache-pubsub-reroute")
 
     async def _move(self) -> None:
-        """Read the slot table again and move each subscription to its
-        channel's owner, until every one is where it belongs."""
+        """Read the slot table again and put every subscription on its
+        channel's owner, until a pass finds nothing more to do."""
         backoff = _BACKOFF_MIN
-        homeless: list[Subscription] = []
-        while not self._closed:
+        homeless = self._homeless
+        while not self._closed and (self._dirty or homeless):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _BACKOFF_MAX)
+            self._dirty = False
             try:
                 async with asyncio.timeout(self._timeout * 4):
                     await self._cluster.nodes_manager.initialize()
@@ -367,20 +382,20 @@ class ShardedSubscriber:
                     while homeless:
                         subscription = homeless[0]
                         if not subscription.closed:
-                            owner = self._owner_now(subscription.channel)
-                            await self._for(owner)._attach(subscription)
+                            await self._for(self._owner_now(subscription.channel))._attach(subscription)
                             subscription._put(RESYNC)
                         homeless.pop(0)
                     for name, subscriber in list(self._nodes.items()):
                         if not subscriber.subscriptions:
                             del self._nodes[name]
                             await self._drop(subscriber)
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._log.warning("reroute", "pub/sub: cluster not settled yet: %s", exc)
                 for subscription in homeless:
                     subscription._put(RESYNC)
+                self._dirty = True
                 continue
-            return
+            backoff = _BACKOFF_MIN
 
     @staticmethod
     async def _drop(subscriber: Subscriber) -> None:
@@ -392,7 +407,7 @@ class ShardedSubscriber:
         self._closed = True
         if self._reroute is not None:
             self._reroute.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_ERRORS):
                 await self._reroute
         subscribers, self._nodes = list(self._nodes.values()), {}
         for subscriber in subscribers:

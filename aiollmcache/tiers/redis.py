@@ -32,6 +32,7 @@ import inspect
 import math
 import re
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._log import RateLimitedLogger, logger
@@ -71,6 +72,7 @@ from ..errors import (
 
 __all__ = [
     "KEY_PREFIX",
+    "REDIS_ERRORS",
     "SCAN_BATCH",
     "UNLINK_BATCH",
     "Client",
@@ -82,6 +84,11 @@ __all__ = [
 ]
 
 KEY_PREFIX = "alc"
+
+REDIS_ERRORS: Final = (RedisError, RedisClusterException, OSError)
+"""What a Redis operation may raise for Redis's sake (TimeoutError is an
+OSError; a cluster client raises RedisClusterException, not a RedisError,
+when no node can be reached)."""
 
 Client = aioredis.Redis | RedisCluster
 """A single Redis or a Redis Cluster."""
@@ -528,7 +535,7 @@ class CircuitBreaker:
                 await self._pinger.ping(refresh=self._probe is not None)
         except ResponseError:
             return True  # an error reply (e.g. no permission for PING) is an answer
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             self._log.warning("probe", "Redis does not answer: %s", exc or type(exc).__name__)
             return False
         return True
@@ -597,7 +604,18 @@ class _ClusterPinger:
         primaries: list[ClusterNode] = self._client.get_primaries()
         if not primaries:
             raise RedisConnectionError("no primary known")
-        await asyncio.gather(*(self._ping(node) for node in primaries))
+        # The first failure ends the probe, and the other pings with it: a
+        # ping left running would hold its connection for the next probe.
+        pings = [asyncio.ensure_future(self._ping(node)) for node in primaries]
+        try:
+            done, _ = await asyncio.wait(pings, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for ping in pings:
+                ping.cancel()
+            await asyncio.gather(*pings, return_exceptions=True)
+        for ping in done:
+            if (error := ping.exception()) is not None:
+                raise error
 
     async def _ping(self, node: ClusterNode) -> None:
         connection = self._connections.get(node.name)
@@ -649,7 +667,7 @@ class _Batches:
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
 _HEADER_ALLOWANCE = 64 * 1024
-_ERRORS = (RedisError, OSError)  # TimeoutError is an OSError
+_ERRORS = REDIS_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,6 +792,7 @@ class RedisTier:
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
         )
         self._compress_above = compress_above
+        self._log = RateLimitedLogger()
         self._max_entry_bytes = max_entry_bytes
         self._clock = clock
         self._version_key = f"{KEY_PREFIX}:{namespace}:version"
@@ -1008,7 +1027,7 @@ class RedisTier:
             for i, keys in enumerate(reads):
                 node = manager.get_node_from_slot(key_slot(keys[0].encode()))
                 groups.setdefault(node.name, (node, []))[1].append(i)
-        except RedisError:  # no slot table yet, or a slot not covered
+        except REDIS_ERRORS:  # no slot table yet, or a slot not covered
             return await self._read_routed(script, reads)
         replies: list[Any] = [None] * len(reads)
         calls = [
@@ -1044,10 +1063,13 @@ class RedisTier:
                     answers.append(exc)
                 done += 1
         except BaseException as exc:
-            for _, connection in taken[done:]:
-                with contextlib.suppress(RedisError, OSError):
+            unread = [connection for _, connection in taken[done:]]
+            for connection in unread:  # first, with no await between: never pooled again as is
+                connection.mark_for_reconnect()
+            for connection in unread:
+                with contextlib.suppress(*REDIS_ERRORS):
                     await connection.disconnect()
-            if not isinstance(exc, (RedisError, OSError)):
+            if not isinstance(exc, REDIS_ERRORS):
                 raise
             answers += [exc] * (len(calls) - len(answers))
         finally:
@@ -1059,7 +1081,7 @@ class RedisTier:
                 try:
                     await node.execute_command("SCRIPT", "LOAD", text)
                     answers[n] = await node.execute_command("EVALSHA", sha, 0, *args)
-                except (RedisError, OSError) as exc:
+                except REDIS_ERRORS as exc:
                     answers[n] = exc
         return answers
 
@@ -1277,8 +1299,22 @@ class RedisTier:
         way an entry is never in Redis, unlisted, past an invalidation that
         began after it was written."""
         await self._add_to_tags(entry)
-        yield
-        await self._add_to_tags(entry)
+        try:
+            yield
+        finally:
+            # Also when the write failed, timed out or was cancelled: it may
+            # have reached Redis all the same. Run to the end even if the
+            # caller is cancelled meanwhile (owned by the tier, like a refresh).
+            after = asyncio.get_running_loop().create_task(self._add_to_tags(entry))
+            self._tasks.add(after)
+            after.add_done_callback(self._tag_added)
+            if sys.exc_info()[0] is None:
+                await asyncio.shield(after)
+
+    def _tag_added(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self._log.warning("tag", "could not list an entry in its tags' sets: %s", error)
 
     async def _add_to_tags(self, entry: Entry) -> None:
         args: list[str | int] = [entry.key, self._tag_life_ms(entry)]
@@ -1433,10 +1469,18 @@ class RedisTier:
         if not self._cluster:
             return int(await self._call("UNLINK", self._client.unlink(*rkeys)))
         # Keys in many slots: one UNLINK each, one connection per node.
+        return sum(
+            int(n) for n in await self._call("UNLINK", self._pipelined([("UNLINK", k) for k in rkeys]))
+        )
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]], *, raise_on_error: bool = True) -> list[Any]:
+        """Commands of any slots in one pipeline (on a cluster: one per node),
+        all of it inside the caller's ``_call``, the cluster client's own setup
+        included."""
         async with self._client.pipeline(transaction=False) as pipe:
-            for rkey in rkeys:
-                pipe.execute_command("UNLINK", rkey)
-            return sum(int(n) for n in await self._call("UNLINK", pipe.execute()))
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=raise_on_error)
 
     async def retire_tag(self, tag: str) -> int:
         """Delete every entry tagged ``tag``, in batches; return how many existed.
@@ -1511,10 +1555,10 @@ class RedisTier:
         return [h if isinstance(h, Header) else None for h in headers]
 
     async def _getrange(self, rkeys: list[str], lengths: list[int]) -> list[bytes]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for rkey, length in zip(rkeys, lengths, strict=True):
-                pipe.getrange(rkey, 0, length - 1)
-            return cast(list[bytes], await self._call("GETRANGE", pipe.execute(raise_on_error=False)))
+        commands = [("GETRANGE", rkey, 0, length - 1) for rkey, length in zip(rkeys, lengths, strict=True)]
+        return cast(
+            list[bytes], await self._call("GETRANGE", self._pipelined(commands, raise_on_error=False))
+        )
 
     @staticmethod
     def _header(prefix: object) -> Header | int | None:
