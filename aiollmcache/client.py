@@ -772,6 +772,9 @@ class LLMCache:
             snapshot["redis_breaker_open"] = int(breaker.open)
             snapshot["redis_breaker_opened"] = breaker.opened
             snapshot["redis_skipped"] = breaker.skipped
+            if self._redis.cluster:
+                snapshot["redis_nodes_skipped"] = self._redis.nodes_skipped
+                snapshot["redis_node_breaker_opened"] = self._redis.node_breakers_opened
         if self._bus is not None:
             sync = self._bus.stats
             snapshot.update({f"invalidations_{name}": value for name, value in asdict(sync).items()})

@@ -637,6 +637,86 @@ class _ClusterPinger:
                 await connection.disconnect()
 
 
+class _NodeBreakers:
+    """On a cluster, the breaker of each primary: a primary whose operations
+    failed ``failures`` times in a row (refused, reset: a node that is gone)
+    is skipped, its keys failing at once, while the rest of the cluster is
+    used as before. A probe reads the slot table again every
+    ``probe_interval`` and closes the node's breaker when the node answers a
+    PING or no longer serves any slot (a replica took over: its keys now go
+    there)."""
+
+    __slots__ = ("_client", "_counts", "_failures", "_interval", "_log", "_timeout", "open", "opened")
+
+    def __init__(self, client: RedisCluster, *, failures: int, probe_interval: float, timeout: float) -> None:
+        self._client = client
+        self._failures = failures
+        self._interval = probe_interval
+        self._timeout = timeout
+        self._counts: dict[str, int] = {}
+        self._log = RateLimitedLogger()
+        self.open: dict[str, asyncio.Task[None]] = {}
+        self.opened = 0  # times a node's breaker opened
+
+    def node_of(self, key: str) -> str | None:
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        except REDIS_ERRORS:
+            return None
+        return str(node.name)
+
+    def skips(self, key: str) -> str | None:
+        """The node of ``key`` if its breaker is open."""
+        name = self.node_of(key)
+        return name if name in self.open else None
+
+    def success(self, key: str) -> None:
+        name = self.node_of(key)
+        if name is not None:
+            self._counts.pop(name, None)
+
+    def failure(self, name: str) -> None:
+        count = self._counts[name] = self._counts.get(name, 0) + 1
+        if self._failures and count >= self._failures and name not in self.open:
+            logger.warning("Redis node %s failed %d times in a row: skipping it", name, count)
+            self.opened += 1
+            loop = asyncio.get_running_loop()
+            self.open[name] = loop.create_task(self._probe(name), name="aiollmcache-node-probe")
+
+    async def _probe(self, name: str) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self._interval)
+                try:
+                    async with asyncio.timeout(max(1.0, 4 * self._timeout)):
+                        await self._client.nodes_manager.initialize()
+                        node = self._client.get_node(node_name=name)
+                        if node is None or not any(p.name == name for p in self._client.get_primaries()):
+                            break  # replaced: its slots are served elsewhere now
+                        connection = node.connection_class(**node.connection_kwargs)
+                        try:
+                            await connection.send_command("PING")
+                            await connection.read_response()
+                        finally:
+                            with contextlib.suppress(*REDIS_ERRORS):
+                                await connection.disconnect()
+                        break
+                except ResponseError:
+                    break  # an answer
+                except REDIS_ERRORS as exc:
+                    self._log.warning(name, "Redis node %s does not answer: %s", name, exc)
+            logger.warning("Redis node %s: using it again", name)
+        finally:
+            self.open.pop(name, None)
+            self._counts.pop(name, None)
+
+    async def aclose(self) -> None:
+        probes, self.open = list(self.open.values()), {}
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+
 _READ_ALONE: Final = object()  # a batch's leader gave up: read on your own
 # A stream in flight keeps about this many chunks; a follower reads up to
 # _READ_CHUNKS of them a round trip.
@@ -735,6 +815,13 @@ class _Budget:
             self._timer = loop.call_at(min(d.at for d in self._inflight), self._expire, loop)
 
 
+def _failed_node(exc: BaseException) -> str | None:
+    """The cluster node a connection error was met on, as redis-py records it."""
+    node = getattr(exc, "connection", None)
+    name = getattr(node, "name", None) if isinstance(node, ClusterNode) else None
+    return name or getattr(exc, "last_failed_node_name", None)
+
+
 def _is_wrongtype(exc: BaseException) -> bool:
     cause = exc.__cause__
     return isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE")
@@ -791,6 +878,13 @@ class RedisTier:
         self.breaker = CircuitBreaker(
             client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
         )
+        self._nodes = (
+            _NodeBreakers(
+                client, failures=breaker_failures, probe_interval=breaker_probe_interval, timeout=timeout
+            )
+            if isinstance(client, RedisCluster)
+            else None
+        )
         self._compress_above = compress_above
         self._log = RateLimitedLogger()
         self._max_entry_bytes = max_entry_bytes
@@ -831,6 +925,15 @@ class RedisTier:
     def cluster(self) -> bool:
         return self._cluster
 
+    @property
+    def nodes_skipped(self) -> int:
+        """Cluster nodes skipped now (their breaker is open)."""
+        return len(self._nodes.open) if self._nodes is not None else 0
+
+    @property
+    def node_breakers_opened(self) -> int:
+        return self._nodes.opened if self._nodes is not None else 0
+
     def _key(self, kind: str, key: str) -> str:
         if self.version is None:
             raise TierUnavailableError("redis: namespace version not loaded")
@@ -849,7 +952,7 @@ class RedisTier:
         return self._key("t", tag)
 
     async def load_version(self) -> int:
-        raw = await self._call("GET version", self._client.get(self._version_key))
+        raw = await self._call("GET version", self._client.get(self._version_key), self._version_key)
         try:
             version = 0 if raw is None else int(raw)
         except ValueError:
@@ -936,6 +1039,10 @@ class RedisTier:
                 absent.append((other, waiter))
             elif not waiter.done():
                 waiter.set_result(reply)
+        if isinstance(replies[0], Exception):  # (on a cluster, one node's failure is its reads')
+            if absent:
+                await self._read_again_for(batches, absent)
+            raise replies[0]
         if replies[0] is not None:
             if absent:  # the leader's hit does not wait for the others' second look
                 task = asyncio.get_running_loop().create_task(self._read_again_for(batches, absent))
@@ -1022,14 +1129,20 @@ class RedisTier:
         and reads the slot table again: nothing is read from a node that
         does not own the key."""
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        replies: list[Any] = [None] * len(reads)
+        skipped = self._nodes.open if self._nodes is not None else {}
         try:
             manager = self._client.nodes_manager  # type: ignore[union-attr]
             for i, keys in enumerate(reads):
                 node = manager.get_node_from_slot(key_slot(keys[0].encode()))
-                groups.setdefault(node.name, (node, []))[1].append(i)
+                if node.name in skipped:  # its breaker is open: fail this read alone, at once
+                    replies[i] = TierUnavailableError(
+                        f"redis GET: skipped, node {node.name} failed repeatedly"
+                    )
+                else:
+                    groups.setdefault(node.name, (node, []))[1].append(i)
         except REDIS_ERRORS:  # no slot table yet, or a slot not covered
             return await self._read_routed(script, reads)
-        replies: list[Any] = [None] * len(reads)
         calls = [
             (node, indexes, [*head, *(k for i in indexes for k in reads[i])])
             for node, indexes in groups.values()
@@ -1037,6 +1150,7 @@ class RedisTier:
         found = await self._evalsha_on_nodes(script, [(node, args) for node, _, args in calls])
         for (_, indexes, _), answer in zip(calls, found, strict=True):
             if not isinstance(answer, list) or len(answer) != len(indexes):
+                # Each node on its own: one node's failure is its reads' alone.
                 answer = await self._read_routed(script, [reads[i] for i in indexes])
             for i, reply in zip(indexes, answer, strict=True):
                 replies[i] = reply
@@ -1087,33 +1201,32 @@ class RedisTier:
 
     async def _read_routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
         """Reads one by one through the cluster client: one pipeline for plain
-        reads, in turn for hot ones (scripts). A key holding another type
-        reads as nil, as in a batch."""
+        reads, in turn for hot ones (scripts). Each read's reply, or the
+        exception it met (a failed pipeline: all its reads'); a key holding
+        another type reads as nil, as in a batch."""
+        replies: list[Any]
         if script == "get":
-            async with self._client.pipeline(transaction=False) as pipe:
-                for (rkey,) in reads:
-                    pipe.get(rkey)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            try:
+                replies = await self._pipelined([("GET", rkey) for (rkey,) in reads], raise_on_error=False)
+            except REDIS_ERRORS as exc:
+                replies = [exc] * len(reads)
         else:
             replies = []
             for keys in reads:
                 try:
                     replies.append(await self._get_hot(keys=keys, args=self._hot_args()))
-                except ResponseError as exc:
+                except REDIS_ERRORS as exc:
                     replies.append(exc)
-        for reply in replies:
-            if isinstance(reply, Exception) and not _is_wrongtype(reply):
-                raise reply
-        return [None if isinstance(reply, Exception) else reply for reply in replies]
+        return [None if isinstance(r, Exception) and _is_wrongtype(r) else r for r in replies]
 
     async def _read(self, rkey: str, command: Awaitable[T]) -> T:
         """Read an entry key; a value of another type there is foreign data."""
         try:
-            return await self._call("GET", command)
+            return await self._call("GET", command, rkey)
         except TierUnavailableError as exc:
             if not _is_wrongtype(exc):
                 raise
-            await self._call("UNLINK", self._client.unlink(rkey))
+            await self._call("UNLINK", self._client.unlink(rkey), rkey)
             raise CorruptEntryError(f"{rkey} holds a value of another type") from exc
 
     async def _get_counting(self, key: str) -> Entry | _Missing:
@@ -1152,7 +1265,7 @@ class RedisTier:
         except NotForThisCache:
             raise  # its writer can read it: a miss here, left in place
         except CorruptEntryError:
-            await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]))
+            await self._call("DEL corrupt", self._delete_if_equal(keys=[rkey], args=[blob]), rkey)
             raise
 
     # -- the semantic tier's vectors (see aiollmcache.tiers.semantic) -----------
@@ -1174,7 +1287,11 @@ class RedisTier:
         if ttl_ms <= 0:
             return
         args: list[str | int | bytes] = [key, blob, dtype, repr(expires_at), max_records, ttl_ms, numbers]
-        await self._call("ADD VECTOR", self._add_vector(keys=[self.vector_key(partition)], args=args))
+        await self._call(
+            "ADD VECTOR",
+            self._add_vector(keys=[self.vector_key(partition)], args=args),
+            self.vector_key(partition),
+        )
 
     async def read_vectors(
         self, partition: str, after: str, count: int
@@ -1183,7 +1300,9 @@ class RedisTier:
         (``"-"``: from the start), oldest first."""
         low = after if after == "-" else f"({after}"
         records: Any = await self._call(
-            "XRANGE", self._client.xrange(self.vector_key(partition), min=low, max="+", count=count)
+            "XRANGE",
+            self._client.xrange(self.vector_key(partition), min=low, max="+", count=count),
+            self.vector_key(partition),
         )
         return [
             (rid.decode() if isinstance(rid, bytes) else str(rid), fields if isinstance(fields, dict) else {})
@@ -1205,7 +1324,7 @@ class RedisTier:
         for kind, data in records:
             pipe.xadd(skey, {"o": owner, "t": kind, "d": data}, maxlen=_MAX_STREAM_CHUNKS, approximate=True)
         pipe.pexpire(skey, ttl_ms)
-        await self._call("XADD", pipe.execute())
+        await self._call("XADD", pipe.execute(), skey)
 
     async def read_chunks(
         self, key: str, after: str, block_ms: int | None
@@ -1216,6 +1335,7 @@ class RedisTier:
         found: Any = await self._call(
             "XREAD",
             self._client.xread({self.chunk_stream_key(key): after}, count=_READ_CHUNKS, block=block_ms),
+            self.chunk_stream_key(key),
         )
         records = []
         for _, entries in found or ():
@@ -1239,7 +1359,7 @@ class RedisTier:
         pipe.exists(self.entry_key(key))
         pipe.get(self.lease_key(key))
         pipe.pttl(self.lease_key(key))
-        exists, token, pttl = await self._call("LEASE", pipe.execute())
+        exists, token, pttl = await self._call("LEASE", pipe.execute(), self.lease_key(key))
         return bool(exists), token if isinstance(token, bytes) else None, int(pttl)
 
     # -- the lease (see aiollmcache.flight) ------------------------------------
@@ -1253,7 +1373,7 @@ class RedisTier:
         rkey = self.entry_key(key)
         args: list[str | int] = [token, lease_ms, "1" if skip_entry else "0"]
         status, value = await self._call(
-            "ACQUIRE", self._acquire(keys=[rkey, self.lease_key(key)], args=args)
+            "ACQUIRE", self._acquire(keys=[rkey, self.lease_key(key)], args=args), rkey
         )
         if status == 1:
             return await self._decode(key, rkey, value)
@@ -1264,7 +1384,9 @@ class RedisTier:
     async def renew(self, key: str, token: str, lease_ms: int) -> bool:
         """Extend the lease if ``token`` still holds it."""
         return bool(
-            await self._call("RENEW", self._renew(keys=[self.lease_key(key)], args=[token, lease_ms]))
+            await self._call(
+                "RENEW", self._renew(keys=[self.lease_key(key)], args=[token, lease_ms]), self.lease_key(key)
+            )
         )
 
     def _remaining_ms(self, entry: Entry) -> int:
@@ -1283,11 +1405,11 @@ class RedisTier:
         args: list[str | bytes | int] = [token, blob, ttl_ms, self.channel(entry.key), inline]
         if entry.tags and self._cluster:
             async with self._tag_apart(entry):
-                return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+                return bool(await self._call("COMMIT", self._commit(keys=keys, args=args), keys[0]))
         if entry.tags:
             keys += [self.tag_key(tag) for tag in entry.tags]
             args += [entry.key, self._tag_life_ms(entry)]
-        return bool(await self._call("COMMIT", self._commit(keys=keys, args=args)))
+        return bool(await self._call("COMMIT", self._commit(keys=keys, args=args), keys[0]))
 
     @contextlib.asynccontextmanager
     async def _tag_apart(self, entry: Entry) -> AsyncIterator[None]:
@@ -1319,7 +1441,7 @@ class RedisTier:
     async def _add_to_tags(self, entry: Entry) -> None:
         args: list[str | int] = [entry.key, self._tag_life_ms(entry)]
         for tag in entry.tags:
-            await self._call("TAG", self._tag_add(keys=[self.tag_key(tag)], args=args))
+            await self._call("TAG", self._tag_add(keys=[self.tag_key(tag)], args=args), self.tag_key(tag))
 
     def _tag_life_ms(self, entry: Entry) -> int:
         """How long from now an entry may live at the latest: its tags' sets
@@ -1348,20 +1470,26 @@ class RedisTier:
     async def abandon(self, key: str, token: str, message: bytes) -> bool:
         """Release the lease without an entry and publish ``message`` to waiters."""
         args: list[str | bytes] = [token, self.channel(key), message]
-        return bool(await self._call("ABANDON", self._abandon(keys=[self.lease_key(key)], args=args)))
+        lease = self.lease_key(key)
+        return bool(await self._call("ABANDON", self._abandon(keys=[lease], args=args), lease))
 
-    async def _call(self, op: str, command: Awaitable[T]) -> T:
+    async def _call(self, op: str, command: Awaitable[T], key: str | None = None) -> T:
         """Await one command within the time budget, translating Redis errors.
+
+        ``key``: the one Redis key (or slot) the command is about, if any; on a
+        cluster its failures then count against its node's breaker only.
 
         (A coroutine, not a context manager, and no timer of its own: this is
         the hit path, see :class:`_Budget`.)
         """
         breaker = self.breaker
-        if breaker.open:
+        nodes = self._nodes
+        if breaker.open or (nodes is not None and key is not None and nodes.open and nodes.skips(key)):
             breaker.skipped += 1
             if inspect.iscoroutine(command):
                 command.close()
-            raise TierUnavailableError(f"redis {op}: skipped, Redis failed repeatedly (circuit open)")
+            what = "Redis" if breaker.open else f"its node ({nodes.skips(key) if nodes and key else '?'})"
+            raise TierUnavailableError(f"redis {op}: skipped, {what} failed repeatedly (circuit open)")
         deadline = self._budget.start()
         try:
             if self._gate is None:
@@ -1388,12 +1516,16 @@ class RedisTier:
                 breaker.success()  # Redis is there: it answered, with an error
             elif isinstance(exc, (TimeoutError, RedisTimeoutError)) or _pool_exhausted(exc):
                 breaker.timeout()
+            elif nodes is not None and (name := _failed_node(exc) or (key and nodes.node_of(key))):
+                nodes.failure(name)  # one node gone: the others are still used
             else:
                 breaker.failure()
             raise _translate(op, self._timeout, exc) from exc
         finally:
             self._budget.finish(deadline)
         breaker.success()
+        if nodes is not None and key is not None and nodes._counts:
+            nodes.success(key)
         return result
 
     def encode(self, entry: Entry) -> bytes:
@@ -1411,15 +1543,15 @@ class RedisTier:
         ttl_ms = self._remaining_ms(entry)
         rkey = self.entry_key(entry.key)
         if not entry.tags:
-            await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
+            await self._call("SET", self._client.set(rkey, blob, px=ttl_ms), rkey)
             return True
         if self._cluster:
             async with self._tag_apart(entry):
-                await self._call("SET", self._client.set(rkey, blob, px=ttl_ms))
+                await self._call("SET", self._client.set(rkey, blob, px=ttl_ms), rkey)
             return True
         keys = [rkey, *(self.tag_key(tag) for tag in entry.tags)]
         args: list[bytes | str | int] = [blob, ttl_ms, entry.key, self._tag_life_ms(entry)]
-        await self._call("SET", self._set_tagged(keys=keys, args=args))
+        await self._call("SET", self._set_tagged(keys=keys, args=args), rkey)
         return True
 
     # -- invalidation (see aiollmcache.invalidation) ---------------------------
@@ -1428,9 +1560,13 @@ class RedisTier:
         """The namespace version, and the id and number of the invalidations
         published."""
         if self._cluster:  # two slots: two commands
-            raw_version = await self._call("sync state", self._client.get(self._version_key))
+            raw_version = await self._call(
+                "sync state", self._client.get(self._version_key), self._version_key
+            )
             raw_id, raw_seq = await self._call(
-                "sync state", self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)])
+                "sync state",
+                self._sync_state(keys=[self._sync_key], args=[secrets.token_hex(8)]),
+                self._sync_key,
             )
         else:
             async with cast(aioredis.Redis, self._client).pipeline(transaction=False) as pipe:
@@ -1454,7 +1590,9 @@ class RedisTier:
         """Number ``message`` and broadcast it to every process; return its number."""
         keys = [self._sync_key]
         args: list[str | bytes] = [self.invalidation_channel, message, secrets.token_hex(8)]
-        return int(await self._call("PUBLISH", self._publish_invalidation(keys=keys, args=args)))
+        return int(
+            await self._call("PUBLISH", self._publish_invalidation(keys=keys, args=args), self._sync_key)
+        )
 
     async def unlink(self, hashes: list[str]) -> int:
         """Delete the entries with these hashes, a batch per round trip; return
@@ -1490,16 +1628,18 @@ class RedisTier:
         """
         tag_key = self.tag_key(tag)
         retiring = f"{tag_key}:retiring"
-        await self._call("RETIRE tag", self._tag_retire(keys=[tag_key, retiring]))
+        await self._call("RETIRE tag", self._tag_retire(keys=[tag_key, retiring]), tag_key)
         removed = 0
         while True:
-            members = await self._call("ZRANGE tag", self._client.zrange(retiring, 0, UNLINK_BATCH - 1))
+            members = await self._call(
+                "ZRANGE tag", self._client.zrange(retiring, 0, UNLINK_BATCH - 1), tag_key
+            )
             if not members:
                 return removed
             hashes = [m.decode() for m in cast(list[bytes], members)]
             if self._cluster:
                 removed += await self._unlink_keys([self.entry_key(h) for h in hashes])
-                await self._call("ZREM tag", self._client.zrem(retiring, *members))
+                await self._call("ZREM tag", self._client.zrem(retiring, *members), tag_key)
                 continue
             async with self._client.pipeline(transaction=False) as pipe:
                 pipe.unlink(*[self.entry_key(h) for h in hashes])
@@ -1574,6 +1714,8 @@ class RedisTier:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.breaker.aclose()
+        if self._nodes is not None:
+            await self._nodes.aclose()
         if self._owns_client:
             if isinstance(self._client, RedisCluster):
                 await self._call("close", self._client.aclose())
