@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from ._log import RateLimitedLogger, logger
 from .crypto import AESGCMSealer
@@ -348,7 +349,7 @@ class LLMCache:
                 raise ConfigurationError(f"redis_url: expected a string, got {redis_url!r}")
             try:
                 redis = connect(redis_url, max_connections=max_connections, timeout=timeout)
-            except ValueError as exc:
+            except (ValueError, RedisClusterException) as exc:  # e.g. a cluster has no database 3
                 raise ConfigurationError(f"redis_url: {exc}") from exc
         self._redis: RedisTier | None = None
         sealer = AESGCMSealer(encryption_key) if encryption_key is not None else None

@@ -32,6 +32,7 @@ def test_demo_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--requests" in capsys.readouterr().err
 
 
+@pytest.mark.both_redis
 def test_invalidate_retires_by_tag_and_everything(
     redis_server: AnyRedis, namespace: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

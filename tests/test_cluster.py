@@ -1,6 +1,6 @@
 """Redis Cluster under change: a primary killed and its replica promoted, a
-slot migrated under the cache's feet. Each test starts its own cluster of 3
-primaries with a replica each."""
+slot migrated under the cache's feet, channels dropped, every node gone. Each
+test starts its own cluster of 3 primaries with a replica each."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from openai import AsyncOpenAI
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from aiollmcache import LLMCache
+from aiollmcache import ConfigurationError, LLMCache
 from aiollmcache.testing import FakeOpenAI, RedisClusterServer
+from aiollmcache.tiers.redis import parse_redis_url
 
 from .conftest import MODEL, subscribers, until, user
 
@@ -200,3 +201,18 @@ async def test_the_whole_cluster_down(
         assert stats["redis_errors"] > 0
         assert stats["redis_skipped"] > 0  # refused at once, without I/O
         assert stats["redis_nodes_skipped"] + stats["redis_breaker_open"] >= 1
+
+
+async def test_the_cluster_option_of_a_redis_url() -> None:
+    assert parse_redis_url("redis://h:7000/0?cluster=yes") == ("redis://h:7000/0", True)
+    assert parse_redis_url("redis://h:7000/0?cluster=False&ssl_cert_reqs=none") == (
+        "redis://h:7000/0?ssl_cert_reqs=none",
+        False,
+    )
+    assert parse_redis_url("redis://h:6379/2") == ("redis://h:6379/2", False)
+    with pytest.raises(ConfigurationError, match="cluster='maybe'"):
+        LLMCache(redis_url="redis://127.0.0.1:1/0?cluster=maybe")
+    with pytest.raises(ConfigurationError, match="db"):  # a cluster has database 0 only
+        LLMCache(redis_url="redis://127.0.0.1:1/3?cluster=yes")
+    with pytest.raises(ConfigurationError, match="RedisCluster"):
+        LLMCache(redis=object())  # type: ignore[arg-type]
