@@ -69,6 +69,7 @@ async def worker(options: dict[str, Any]) -> None:
         latencies: list[float] = []
         sources: dict[str, int] = {}
         errors = 0
+        cpu = time.process_time()
         if phase == "hits":
             keys, deadline = options["keys"], time.perf_counter() + options["seconds"]
             rng = random.Random(options["seed"])
@@ -100,9 +101,11 @@ async def worker(options: dict[str, Any]) -> None:
                 sources[str(result.source)] = sources.get(str(result.source), 0) + 1
 
             await asyncio.gather(*(once(i) for i in range(options["callers"])))
+        cpu = time.process_time() - cpu
     await client.close()
     sys.stdout.write(
-        orjson.dumps({"latencies": latencies, "sources": sources, "errors": errors}).decode() + "\n"
+        orjson.dumps({"latencies": latencies, "sources": sources, "errors": errors, "cpu": cpu}).decode()
+        + "\n"
     )
 
 
@@ -141,8 +144,8 @@ async def fill(fake: FakeOpenAI, redis_url: str, keys: int) -> None:
     await client.close()
 
 
-async def per_primary(server: RedisServer | RedisClusterServer) -> dict[str, tuple[int, int]]:
-    """(keys, commands processed so far) of each primary."""
+async def per_primary(server: RedisServer | RedisClusterServer) -> dict[str, tuple[int, int, float]]:
+    """(keys, commands processed so far, CPU seconds used so far) of each primary."""
     found = {}
     nodes = server.primaries() if isinstance(server, RedisClusterServer) else [server]
     for node in nodes:
@@ -151,9 +154,10 @@ async def per_primary(server: RedisServer | RedisClusterServer) -> dict[str, tup
             keys = int(await client.dbsize())
             stats = await client.info("commandstats")
             calls = sum(int(v["calls"]) for v in stats.values() if isinstance(v, dict))
+            cpu = await client.info("cpu")
         finally:
             await client.aclose()
-        found[str(node.port)] = (keys, calls)
+        found[str(node.port)] = (keys, calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]))
     return found
 
 
@@ -181,6 +185,8 @@ async def measure(
             sources[source] = sources.get(source, 0) + count
     keys = [after[p][0] for p in after]
     commands = [after[p][1] - before[p][1] for p in after]
+    server_cpu = sum(after[p][2] - before[p][2] for p in after)
+    client_cpu = sum(r["cpu"] for r in hit_reports)
 
     fake.latency = args.latency
     cold = 10_000_000 + random.randrange(1_000_000)
@@ -198,6 +204,8 @@ async def measure(
         "p99_ms": percentile(latencies, 99) * 1000,
         "sources": sources,
         "errors": sum(r["errors"] for r in hit_reports),
+        "client_cpu_us_per_hit": client_cpu / max(1, len(latencies)) * 1e6,
+        "server_cpu_us_per_hit": server_cpu / max(1, len(latencies)) * 1e6,
         "keys_per_primary": keys,
         "commands_per_primary": commands,
         "keys_spread": spread(keys),
@@ -247,6 +255,8 @@ def main() -> None:
             f"{r['p50_ms']:.2f}",
             f"{r['p99_ms']:.2f}",
             str(r["errors"]),
+            f"{r['client_cpu_us_per_hit']:.1f}",
+            f"{r['server_cpu_us_per_hit']:.1f}",
             " ".join(str(k) for k in r["keys_per_primary"]),
             f"{r['keys_spread']:.1%}",
             " ".join(f"{c:,}" for c in r["commands_per_primary"]),
@@ -267,6 +277,8 @@ def main() -> None:
             "p50 ms",
             "p99 ms",
             "errors",
+            "client CPU us/hit",
+            "server CPU us/hit",
             "keys per primary",
             "max dev",
             "commands per primary",

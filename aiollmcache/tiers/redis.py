@@ -160,20 +160,11 @@ return found
 """
 )
 
-# On Redis Cluster, the reads of one batch that live on one node, in one call
-# to that node: the keys (ARGV; their slots differ) must all be served there,
-# or the call fails as a whole and its reads go one by one. A list with, for
-# each key, its value or nil (nil also for a key holding another type).
-_GET_ON_NODE = """#!lua flags=allow-cross-slot-keys,no-writes
-local found = {}
-for i = 1, #ARGV do
-  local ok, value = pcall(redis.call, 'GET', ARGV[i])
-  found[i] = ok and value
-end
-return found
-"""
-
-# The same for hot keys: ARGV[1..4] as for _READ_HOT, then (entry, hits) pairs.
+# On Redis Cluster, the hot reads of one batch that live on one node, in one
+# call to that node: ARGV[1..4] as for _READ_HOT, then (entry, hits) pairs,
+# whose slots differ. They must all be served there, or the call fails as a
+# whole and its reads go one by one. A list with, for each pair, {entry,
+# PTTL in ms} or nil (nil also for a key holding another type).
 _GET_HOT_ON_NODE = (
     "#!lua flags=allow-cross-slot-keys\n"
     + _READ_HOT
@@ -911,10 +902,7 @@ class RedisTier:
         self._commit = client.register_script(_COMMIT.replace("'PUBLISH'", publish))
         self._abandon = client.register_script(_ABANDON.replace("'PUBLISH'", publish))
         self._tag_add = client.register_script(_TAG_ADD)
-        self._node_scripts: dict[str, tuple[str, str]] = {
-            name: (text, hashlib.sha1(text.encode()).hexdigest())
-            for name, text in (("get", _GET_ON_NODE), ("hot", _GET_HOT_ON_NODE))
-        }
+        self._hot_on_node_sha = hashlib.sha1(_GET_HOT_ON_NODE.encode()).hexdigest()
         self.version: int | None = None
 
     @property
@@ -1121,13 +1109,16 @@ class RedisTier:
         return self._on_nodes("hot", self._hot_args(), reads)
 
     async def _on_nodes(self, script: str, head: list[int], reads: list[tuple[str, ...]]) -> list[Any]:
-        """A batch of reads on a cluster: the keys of each node in one script
-        call to that node (a command such as MGET may not span slots; a
-        script flagged allow-cross-slot-keys may, within one node). A node's
-        call that fails for the cluster's sake (a slot moved, the node gone)
-        leaves its reads to the cluster client, which follows redirections
-        and reads the slot table again: nothing is read from a node that
-        does not own the key."""
+        """A batch of reads on a cluster, one round trip to each node holding
+        some of its keys, all sent before any reply is read. There, plain
+        reads go as pipelined GETs (MGET may not span slots; GETs cost Redis
+        half what a script reading the same keys does), hot ones as one
+        script call (flagged allow-cross-slot-keys: it may read many slots of
+        its node). A read that fails for the cluster's sake (its slot moved,
+        its node gone) goes again through the cluster client, which follows
+        redirections and reads the slot table again: nothing is read from a
+        node that does not own the key, and one node's failure is its own
+        reads' alone."""
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         replies: list[Any] = [None] * len(reads)
         skipped = self._nodes.open if self._nodes is not None else {}
@@ -1143,41 +1134,58 @@ class RedisTier:
                     groups.setdefault(node.name, (node, []))[1].append(i)
         except REDIS_ERRORS:  # no slot table yet, or a slot not covered
             return await self._read_routed(script, reads)
-        calls = [
-            (node, indexes, [*head, *(k for i in indexes for k in reads[i])])
-            for node, indexes in groups.values()
-        ]
-        found = await self._evalsha_on_nodes(script, [(node, args) for node, _, args in calls])
-        for (_, indexes, _), answer in zip(calls, found, strict=True):
+        calls: list[tuple[ClusterNode, list[tuple[Any, ...]]]] = []
+        for node, indexes in groups.values():
+            if script == "get":
+                calls.append((node, [("GET", reads[i][0]) for i in indexes]))
+            else:
+                pairs = [k for i in indexes for k in reads[i]]
+                calls.append((node, [("EVALSHA", self._hot_on_node_sha, 0, *head, *pairs)]))
+        answers = await self._send_on_nodes(calls)
+        again: list[int] = []
+        for (_, indexes), answer in zip(groups.values(), answers, strict=True):
+            if script != "get" and isinstance(answer, list):
+                answer = answer[0]  # the script's own reply: a list, one per read
             if not isinstance(answer, list) or len(answer) != len(indexes):
-                # Each node on its own: one node's failure is its reads' alone.
-                answer = await self._read_routed(script, [reads[i] for i in indexes])
+                again += indexes
+                continue
             for i, reply in zip(indexes, answer, strict=True):
+                if isinstance(reply, ResponseError) and not _is_wrongtype(reply):
+                    again.append(i)  # MOVED, ASK, CLUSTERDOWN...
+                else:  # a key of another type reads as nil, as in MGET
+                    replies[i] = None if isinstance(reply, ResponseError) else reply
+        if again:
+            routed = await self._read_routed(script, [reads[i] for i in again])
+            for i, reply in zip(again, routed, strict=True):
                 replies[i] = reply
         return replies
 
-    async def _evalsha_on_nodes(self, script: str, calls: list[tuple[ClusterNode, list[Any]]]) -> list[Any]:
-        """One script call on each node, all sent before any reply is read
-        (no task per node); each node's reply, or the exception it met. A
-        connection whose reply was not read is closed, never reused."""
-        text, sha = self._node_scripts[script]
+    async def _send_on_nodes(
+        self, calls: list[tuple[ClusterNode, list[tuple[Any, ...]]]]
+    ) -> list[list[Any] | BaseException]:
+        """Each node's commands pipelined on one of its connections, every
+        node's sent before any reply is read (no task per node): per node,
+        its replies (an error reply as its ResponseError), or the exception
+        the node met. A connection whose replies were not all read is closed,
+        never reused."""
         taken: list[tuple[ClusterNode, Any]] = []
-        answers: list[Any] = []
-        done = 0
+        answers: list[list[Any] | BaseException] = []
         try:
-            for node, args in calls:
+            for node, commands in calls:
                 connection = node.acquire_connection()
                 taken.append((node, connection))
                 await node.disconnect_if_needed(connection)
-                await connection.send_packed_command(connection.pack_command("EVALSHA", sha, 0, *args))
-            for _, connection in taken:
-                try:
-                    answers.append(await connection.read_response())
-                except ResponseError as exc:  # an error reply: the connection is fine
-                    answers.append(exc)
-                done += 1
+                await connection.send_packed_command(connection.pack_commands(commands))
+            for (_, connection), (_, commands) in zip(taken, calls, strict=False):
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as exc:  # an error reply: the connection is fine
+                        replies.append(exc)
+                answers.append(replies)
         except BaseException as exc:
-            unread = [connection for _, connection in taken[done:]]
+            unread = [connection for _, connection in taken[len(answers) :]]
             for connection in unread:  # first, with no await between: never pooled again as is
                 connection.mark_for_reconnect()
             for connection in unread:
@@ -1190,11 +1198,11 @@ class RedisTier:
             for node, connection in taken:
                 node.release(connection)
         for n, answer in enumerate(answers):
-            if isinstance(answer, NoScriptError):  # a node restarted, or a new one
-                node, args = calls[n]
+            if isinstance(answer, list) and answer and isinstance(answer[0], NoScriptError):
+                node, commands = calls[n]  # a node restarted, or a new one: load the script there
                 try:
-                    await node.execute_command("SCRIPT", "LOAD", text)
-                    answers[n] = await node.execute_command("EVALSHA", sha, 0, *args)
+                    await node.execute_command("SCRIPT", "LOAD", _GET_HOT_ON_NODE)
+                    answers[n] = [await node.execute_command(*commands[0])]
                 except REDIS_ERRORS as exc:
                     answers[n] = exc
         return answers
