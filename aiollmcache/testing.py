@@ -699,7 +699,7 @@ class RedisClusterServer:
     ``url`` points at the first node and carries ``cluster=yes``.
     ``primaries()`` lists the servers that are primaries now; ``kill()`` one
     and ``wait_healthy()`` returns once a replica has taken its place (node
-    timeout ``node_timeout_ms``).
+    timeout ``node_timeout_ms``). ``args`` go to every ``redis-server``.
     """
 
     cluster = True
@@ -711,6 +711,7 @@ class RedisClusterServer:
         replicas: int = 0,
         node_timeout_ms: int = 1000,
         executable: str | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         if primaries < 3:
             raise ValueError(f"primaries: Redis Cluster needs at least 3, got {primaries}")
@@ -718,6 +719,7 @@ class RedisClusterServer:
         self._replicas = replicas
         self._node_timeout_ms = node_timeout_ms
         self._executable = executable
+        self._args = args
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self.servers: list[RedisServer] = []
 
@@ -745,6 +747,7 @@ class RedisClusterServer:
                     "--cluster-config-file", os.path.join(self._dir.name, f"nodes-{i}.conf"),
                     "--cluster-node-timeout", str(self._node_timeout_ms),
                     "--dir", self._dir.name,
+                    *self._args,
                 )  # fmt: skip
                 self.servers.append(RedisServer(executable=self._executable, args=args).start())
             argv = [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in self.servers)]

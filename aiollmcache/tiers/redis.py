@@ -32,7 +32,6 @@ import inspect
 import math
 import re
 import secrets
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -46,7 +45,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._log import RateLimitedLogger, logger
@@ -431,7 +436,10 @@ def _translate(op: str, timeout: float, exc: BaseException) -> TierError:
 def _pool_exhausted(exc: BaseException) -> bool:
     # redis-py's BlockingConnectionPool, when no connection came free in time:
     # this process is busy, Redis is not down.
-    return isinstance(exc, RedisConnectionError) and str(exc).startswith("No connection available")
+    # A cluster node's pool raises MaxConnectionsError (with no message).
+    return isinstance(exc, MaxConnectionsError) or (
+        isinstance(exc, RedisConnectionError) and str(exc).startswith("No connection available")
+    )
 
 
 class CircuitBreaker:
@@ -577,7 +585,8 @@ class _Pinger:
 
 
 class _ClusterPinger:
-    """PINGs every primary of a cluster, each on a connection of its own.
+    """PINGs the primaries of a cluster, each on a connection of its own:
+    the cluster answers when one of them does.
 
     While the breaker is open no command tells the client that the cluster
     changed (a primary died and a replica took over), so the probe first
@@ -595,18 +604,24 @@ class _ClusterPinger:
         primaries: list[ClusterNode] = self._client.get_primaries()
         if not primaries:
             raise RedisConnectionError("no primary known")
-        # The first failure ends the probe, and the other pings with it: a
-        # ping left running would hold its connection for the next probe.
+        # The cluster answers when one primary does (a primary that does not
+        # is its own breaker's business); the other pings are then stopped:
+        # a ping left running would hold its connection for the next probe.
         pings = [asyncio.ensure_future(self._ping(node)) for node in primaries]
+        error: BaseException | None = None
         try:
-            done, _ = await asyncio.wait(pings, return_when=asyncio.FIRST_EXCEPTION)
+            for finished in asyncio.as_completed(pings):
+                try:
+                    await finished
+                    return
+                except REDIS_ERRORS as exc:
+                    error = exc
         finally:
             for ping in pings:
                 ping.cancel()
             await asyncio.gather(*pings, return_exceptions=True)
-        for ping in done:
-            if (error := ping.exception()) is not None:
-                raise error
+        assert error is not None
+        raise error
 
     async def _ping(self, node: ClusterNode) -> None:
         connection = self._connections.get(node.name)
@@ -637,7 +652,17 @@ class _NodeBreakers:
     PING or no longer serves any slot (a replica took over: its keys now go
     there)."""
 
-    __slots__ = ("_client", "_counts", "_failures", "_interval", "_log", "_timeout", "open", "opened")
+    __slots__ = (
+        "_client",
+        "_counts",
+        "_failures",
+        "_interval",
+        "_log",
+        "_timeout",
+        "_verifying",
+        "open",
+        "opened",
+    )
 
     def __init__(self, client: RedisCluster, *, failures: int, probe_interval: float, timeout: float) -> None:
         self._client = client
@@ -647,6 +672,7 @@ class _NodeBreakers:
         self._counts: dict[str, int] = {}
         self._log = RateLimitedLogger()
         self.open: dict[str, asyncio.Task[None]] = {}
+        self._verifying: dict[str, asyncio.Task[None]] = {}
         self.opened = 0  # times a node's breaker opened
 
     def node_of(self, key: str) -> str | None:
@@ -667,12 +693,55 @@ class _NodeBreakers:
             self._counts.pop(name, None)
 
     def failure(self, name: str) -> None:
+        """An operation on node ``name`` failed. The error may not be the
+        node's (redis-py closes every connection when the cluster changes):
+        after ``failures`` in a row, the node is checked alone (:meth:`timeout`)."""
         count = self._counts[name] = self._counts.get(name, 0) + 1
-        if self._failures and count >= self._failures and name not in self.open:
-            logger.warning("Redis node %s failed %d times in a row: skipping it", name, count)
-            self.opened += 1
-            loop = asyncio.get_running_loop()
-            self.open[name] = loop.create_task(self._probe(name), name="aiollmcache-node-probe")
+        if self._failures and count >= self._failures:
+            self.timeout(name)
+
+    def timeout(self, name: str) -> None:
+        """An operation on node ``name`` ran out of time, which may only mean
+        this process is busy: PING that node alone, on a connection of its
+        own, and skip it if it does not answer within ``max(1 s, 4 * timeout)``."""
+        if not self._failures or name in self.open or name in self._verifying:
+            return
+        loop = asyncio.get_running_loop()
+        self._verifying[name] = loop.create_task(self._verify(name), name="aiollmcache-node-verify")
+
+    async def _verify(self, name: str) -> None:
+        try:
+            node = self._client.get_node(node_name=name)
+            if node is not None and not await self._answers(node):
+                self._open(name, "does not answer a PING")
+            else:
+                self._counts.pop(name, None)
+        finally:
+            self._verifying.pop(name, None)
+
+    def _open(self, name: str, why: str) -> None:
+        if name in self.open:
+            return
+        logger.warning("Redis node %s %s: skipping it", name, why)
+        self.opened += 1
+        loop = asyncio.get_running_loop()
+        self.open[name] = loop.create_task(self._probe(name), name="aiollmcache-node-probe")
+
+    async def _answers(self, node: ClusterNode) -> bool:
+        connection = node.connection_class(**node.connection_kwargs)
+        try:
+            async with asyncio.timeout(max(1.0, 4 * self._timeout)):
+                await connection.send_command("PING")
+                await connection.read_response()
+        except ResponseError:
+            return True  # an answer
+        except REDIS_ERRORS as exc:
+            self._log.warning(node.name, "Redis node %s does not answer: %s", node.name, exc)
+            return False
+        finally:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await connection.disconnect()
+        return True
 
     async def _probe(self, name: str) -> None:
         try:
@@ -681,28 +750,22 @@ class _NodeBreakers:
                 try:
                     async with asyncio.timeout(max(1.0, 4 * self._timeout)):
                         await self._client.nodes_manager.initialize()
-                        node = self._client.get_node(node_name=name)
-                        if node is None or not any(p.name == name for p in self._client.get_primaries()):
-                            break  # replaced: its slots are served elsewhere now
-                        connection = node.connection_class(**node.connection_kwargs)
-                        try:
-                            await connection.send_command("PING")
-                            await connection.read_response()
-                        finally:
-                            with contextlib.suppress(*REDIS_ERRORS):
-                                await connection.disconnect()
-                        break
-                except ResponseError:
-                    break  # an answer
                 except REDIS_ERRORS as exc:
-                    self._log.warning(name, "Redis node %s does not answer: %s", name, exc)
+                    self._log.warning(name, "Redis cluster: cannot read the slot table: %s", exc)
+                    continue
+                node = self._client.get_node(node_name=name)
+                if node is None or not any(p.name == name for p in self._client.get_primaries()):
+                    break  # replaced: its slots are served elsewhere now
+                if await self._answers(node):
+                    break
             logger.warning("Redis node %s: using it again", name)
         finally:
             self.open.pop(name, None)
             self._counts.pop(name, None)
 
     async def aclose(self) -> None:
-        probes, self.open = list(self.open.values()), {}
+        probes = [*self.open.values(), *self._verifying.values()]
+        self.open, self._verifying = {}, {}
         for probe in probes:
             probe.cancel()
         await asyncio.gather(*probes, return_exceptions=True)
@@ -716,6 +779,9 @@ _READ_CHUNKS: Final = 1000
 # At most this many reads share one command: its reply, up to this many
 # entries, is read as one piece.
 _BATCH_MAX: Final = 256
+# On a cluster, the share of the budget a batch gives each node to answer:
+# the rest is left for reads sent again after a redirection.
+_NODE_SHARE: Final = 0.8
 
 
 def _hand(members: list[tuple[tuple[str, ...], asyncio.Future[Any]]], outcome: object) -> None:
@@ -806,6 +872,13 @@ class _Budget:
             self._timer = loop.call_at(min(d.at for d in self._inflight), self._expire, loop)
 
 
+def _from_node(exc: BaseException, node: ClusterNode) -> BaseException:
+    """``exc``, marked as met on ``node`` (for its breaker)."""
+    with contextlib.suppress(AttributeError):
+        exc.last_failed_node_name = node.name  # type: ignore[attr-defined]
+    return exc
+
+
 def _failed_node(exc: BaseException) -> str | None:
     """The cluster node a connection error was met on, as redis-py records it."""
     node = getattr(exc, "connection", None)
@@ -814,8 +887,11 @@ def _failed_node(exc: BaseException) -> str | None:
 
 
 def _is_wrongtype(exc: BaseException) -> bool:
-    cause = exc.__cause__
-    return isinstance(cause, ResponseError) and str(cause).startswith("WRONGTYPE")
+    """A WRONGTYPE reply, raw or as the cause of a translated error."""
+    return any(
+        isinstance(error, ResponseError) and str(error).startswith("WRONGTYPE")
+        for error in (exc, exc.__cause__)
+    )
 
 
 T = TypeVar("T")
@@ -1144,10 +1220,14 @@ class RedisTier:
         answers = await self._send_on_nodes(calls)
         again: list[int] = []
         for (_, indexes), answer in zip(groups.values(), answers, strict=True):
-            if script != "get" and isinstance(answer, list):
+            if isinstance(answer, BaseException):  # the node failed: its reads alone fail
+                for i in indexes:
+                    replies[i] = answer
+                continue
+            if script != "get":
                 answer = answer[0]  # the script's own reply: a list, one per read
             if not isinstance(answer, list) or len(answer) != len(indexes):
-                again += indexes
+                again += indexes  # an error reply (e.g. MOVED): each read on its own
                 continue
             for i, reply in zip(indexes, answer, strict=True):
                 if isinstance(reply, ResponseError) and not _is_wrongtype(reply):
@@ -1166,36 +1246,48 @@ class RedisTier:
         """Each node's commands pipelined on one of its connections, every
         node's sent before any reply is read (no task per node): per node,
         its replies (an error reply as its ResponseError), or the exception
-        the node met. A connection whose replies were not all read is closed,
-        never reused."""
-        taken: list[tuple[ClusterNode, Any]] = []
-        answers: list[list[Any] | BaseException] = []
+        the node met, marked with the node's name. Each node fails alone: a
+        refused connection or one that gives no answer within its share of
+        the budget costs only that node's reads. A connection whose replies
+        were not all read is closed, never reused."""
+        answers: list[list[Any] | BaseException | None] = [None] * len(calls)
+        taken: list[tuple[int, ClusterNode, Any]] = []
+        unread: set[int] = set()
         try:
-            for node, commands in calls:
-                connection = node.acquire_connection()
-                taken.append((node, connection))
-                await node.disconnect_if_needed(connection)
-                await connection.send_packed_command(connection.pack_commands(commands))
-            for (_, connection), (_, commands) in zip(taken, calls, strict=False):
+            for n, (node, commands) in enumerate(calls):
+                try:
+                    connection = node.acquire_connection()
+                except REDIS_ERRORS as exc:
+                    answers[n] = _from_node(exc, node)
+                    continue
+                taken.append((n, node, connection))
+                unread.add(n)
+                try:
+                    await node.disconnect_if_needed(connection)
+                    await connection.send_packed_command(connection.pack_commands(commands))
+                except REDIS_ERRORS as exc:
+                    answers[n] = _from_node(exc, node)
+            deadline = asyncio.get_running_loop().time() + self._timeout * _NODE_SHARE
+            for n, node, connection in taken:
+                if answers[n] is not None:
+                    continue
                 replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await connection.read_response())
-                    except ResponseError as exc:  # an error reply: the connection is fine
-                        replies.append(exc)
-                answers.append(replies)
-        except BaseException as exc:
-            unread = [connection for _, connection in taken[len(answers) :]]
-            for connection in unread:  # first, with no await between: never pooled again as is
-                connection.mark_for_reconnect()
-            for connection in unread:
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await connection.disconnect()
-            if not isinstance(exc, REDIS_ERRORS):
-                raise
-            answers += [exc] * (len(calls) - len(answers))
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        for _ in calls[n][1]:
+                            try:
+                                replies.append(await connection.read_response())
+                            except ResponseError as exc:  # an error reply: the connection is fine
+                                replies.append(exc)
+                except REDIS_ERRORS as exc:  # (TimeoutError is an OSError)
+                    answers[n] = _from_node(exc, node)
+                    continue
+                answers[n] = replies
+                unread.discard(n)
         finally:
-            for node, connection in taken:
+            for n, node, connection in taken:
+                if n in unread:
+                    connection.mark_for_reconnect()  # release() then closes it
                 node.release(connection)
         for n, answer in enumerate(answers):
             if isinstance(answer, list) and answer and isinstance(answer[0], NoScriptError):
@@ -1204,8 +1296,8 @@ class RedisTier:
                     await node.execute_command("SCRIPT", "LOAD", _GET_HOT_ON_NODE)
                     answers[n] = [await node.execute_command(*commands[0])]
                 except REDIS_ERRORS as exc:
-                    answers[n] = exc
-        return answers
+                    answers[n] = _from_node(exc, node)
+        return [a if a is not None else RedisConnectionError("no answer") for a in answers]
 
     async def _read_routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
         """Reads one by one through the cluster client: one pipeline for plain
@@ -1431,15 +1523,20 @@ class RedisTier:
         await self._add_to_tags(entry)
         try:
             yield
-        finally:
-            # Also when the write failed, timed out or was cancelled: it may
-            # have reached Redis all the same. Run to the end even if the
-            # caller is cancelled meanwhile (owned by the tier, like a refresh).
-            after = asyncio.get_running_loop().create_task(self._add_to_tags(entry))
-            self._tasks.add(after)
-            after.add_done_callback(self._tag_added)
-            if sys.exc_info()[0] is None:
-                await asyncio.shield(after)
+        except BaseException:
+            # The write failed, timed out or was cancelled: it may have reached
+            # Redis all the same. List it again, without holding up the error.
+            self._tag_again(entry)
+            raise
+        # Run to the end even if the caller is cancelled meanwhile (owned by
+        # the tier, like a refresh).
+        await asyncio.shield(self._tag_again(entry))
+
+    def _tag_again(self, entry: Entry) -> asyncio.Task[None]:
+        after = asyncio.get_running_loop().create_task(self._add_to_tags(entry))
+        self._tasks.add(after)
+        after.add_done_callback(self._tag_added)
+        return after
 
     def _tag_added(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -1516,14 +1613,22 @@ class RedisTier:
         except asyncio.CancelledError:
             # Ours only if the budget fired and nobody else cancelled the task.
             if deadline.fired and deadline.task.uncancel() == 0:
-                breaker.timeout()
+                if nodes is not None and key is not None and (name := nodes.node_of(key)):
+                    nodes.timeout(name)  # that node may hang: check it alone
+                else:
+                    breaker.timeout()
                 raise TierTimeoutError(f"redis {op}: no answer within {self._timeout}s") from None
             raise
         except _ERRORS as exc:
             if isinstance(exc, ResponseError):
                 breaker.success()  # Redis is there: it answered, with an error
-            elif isinstance(exc, (TimeoutError, RedisTimeoutError)) or _pool_exhausted(exc):
-                breaker.timeout()
+            elif _pool_exhausted(exc):
+                breaker.timeout()  # this process is busy
+            elif isinstance(exc, (TimeoutError, RedisTimeoutError)):
+                if nodes is not None and (name := _failed_node(exc) or (key and nodes.node_of(key))):
+                    nodes.timeout(name)  # that node may hang: check it alone
+                else:
+                    breaker.timeout()
             elif nodes is not None and (name := _failed_node(exc) or (key and nodes.node_of(key))):
                 nodes.failure(name)  # one node gone: the others are still used
             else:
