@@ -333,7 +333,10 @@ class ShardedSubscriber:
         return self._owner_now(channel)
 
     def _owner_now(self, channel: str) -> ClusterNode:
-        node = self._cluster.get_node_from_key(channel)
+        try:
+            node = self._cluster.get_node_from_key(channel)
+        except KeyError:  # no slot table: redis-py raises KeyError then
+            node = None
         if node is None:
             raise SlotNotCoveredError(f"no node serves the slot of {channel}")
         return node

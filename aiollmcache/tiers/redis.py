@@ -678,7 +678,7 @@ class _NodeBreakers:
     def node_of(self, key: str) -> str | None:
         try:
             node = self._client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
-        except REDIS_ERRORS:
+        except (KeyError, *REDIS_ERRORS):  # no slot table (yet): KeyError
             return None
         return str(node.name)
 
@@ -1208,7 +1208,7 @@ class RedisTier:
                     )
                 else:
                     groups.setdefault(node.name, (node, []))[1].append(i)
-        except REDIS_ERRORS:  # no slot table yet, or a slot not covered
+        except (KeyError, *REDIS_ERRORS):  # no slot table yet, or a slot not covered
             return await self._read_routed(script, reads)
         calls: list[tuple[ClusterNode, list[tuple[Any, ...]]]] = []
         for node, indexes in groups.values():
