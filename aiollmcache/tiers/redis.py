@@ -150,38 +150,32 @@ end
 
 _GET_HOT = _READ_HOT + "return read_hot(KEYS[1], KEYS[2])\n"
 
-# The same for many entries at once, KEYS holding (entry, hits) pairs: a list
-# with, for each pair, {entry, PTTL in ms} or nil, nil also for a key that
-# holds another type (its reader asks again on its own, and so learns it).
-_GET_HOT_MANY = (
-    _READ_HOT
-    + """
-local found = {}
-for i = 1, #KEYS, 2 do
-  local ok, value = pcall(read_hot, KEYS[i], KEYS[i + 1])
+
+def _read_hot_many(source: str, first: int) -> str:
+    """The same for many entries at once, ``source`` (KEYS or ARGV) holding
+    (entry, hits) pairs from index ``first``: a list with, for each pair,
+    {entry, PTTL in ms} or nil, nil also for a key that holds another type
+    (its reader asks again on its own, and so learns it)."""
+    return (
+        _READ_HOT
+        + f"""
+local found = {{}}
+for i = {first}, #{source}, 2 do
+  local ok, value = pcall(read_hot, {source}[i], {source}[i + 1])
   found[#found + 1] = ok and value
 end
 return found
 """
-)
+    )
+
+
+_GET_HOT_MANY = _read_hot_many("KEYS", 1)
 
 # On Redis Cluster, the hot reads of one batch that live on one node, in one
 # call to that node: ARGV[1..4] as for _READ_HOT, then (entry, hits) pairs,
 # whose slots differ. They must all be served there, or the call fails as a
-# whole and its reads go one by one. A list with, for each pair, {entry,
-# PTTL in ms} or nil (nil also for a key holding another type).
-_GET_HOT_ON_NODE = (
-    "#!lua flags=allow-cross-slot-keys\n"
-    + _READ_HOT
-    + """
-local found = {}
-for i = 5, #ARGV, 2 do
-  local ok, value = pcall(read_hot, ARGV[i], ARGV[i + 1])
-  found[#found + 1] = ok and value
-end
-return found
-"""
-)
+# whole and its reads go one by one.
+_GET_HOT_ON_NODE = "#!lua flags=allow-cross-slot-keys\n" + _read_hot_many("ARGV", 5)
 
 # Append a vector record (ARGV[1..4]: entry key, vector bytes, dtype, expiry
 # as unix seconds; ARGV[7]: the question's number signature) to a partition's
