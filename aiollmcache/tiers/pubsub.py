@@ -28,7 +28,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError, SlotNotCoveredError
 
 from .._log import RateLimitedLogger, logger
-from .redis import REDIS_ERRORS
+from .redis import REDIS_ERRORS, one_connection_client
 
 __all__ = ["RESYNC", "PubSubHub", "ShardedSubscriber", "Subscriber", "Subscription"]
 
@@ -319,11 +319,7 @@ class ShardedSubscriber:
     def _for(self, node: ClusterNode) -> Subscriber:
         subscriber = self._nodes.get(node.name)
         if subscriber is None:
-            client = aioredis.Redis(
-                connection_pool=aioredis.ConnectionPool(
-                    connection_class=node.connection_class, max_connections=1, **node.connection_kwargs
-                )
-            )
+            client = one_connection_client(node.connection_class, node.connection_kwargs)
             subscriber = Subscriber(client, timeout=self._timeout, sharded=True, on_lost=self._lost)
             self._nodes[node.name] = subscriber
         return subscriber

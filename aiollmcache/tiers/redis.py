@@ -84,6 +84,7 @@ __all__ = [
     "HotKeys",
     "RedisTier",
     "connect",
+    "one_connection_client",
     "parse_redis_url",
     "validate_namespace",
 ]
@@ -355,8 +356,8 @@ def validate_namespace(namespace: str) -> str:
     return namespace
 
 
-_CLUSTER_WORDS: Final = {"yes": True, "true": True, "1": True, "on": True}
-_CLUSTER_WORDS_OFF: Final = {"no": False, "false": False, "0": False, "off": False}
+_CLUSTER_WORDS: Final = frozenset({"yes", "true", "1", "on"})
+_CLUSTER_WORDS_OFF: Final = frozenset({"no", "false", "0", "off"})
 
 
 def parse_redis_url(url: str) -> tuple[str, bool]:
@@ -559,16 +560,22 @@ class CircuitBreaker:
         await self._pinger.aclose()
 
 
+def one_connection_client(connection_class: Any, connection_kwargs: dict[str, Any]) -> aioredis.Redis:
+    """A client of its own, one connection, to the server those settings
+    reach (a pool's or a cluster node's): outside any shared pool."""
+    return aioredis.Redis(
+        connection_pool=aioredis.ConnectionPool(
+            connection_class=connection_class, max_connections=1, **connection_kwargs
+        )
+    )
+
+
 class _Pinger:
     """PINGs a single Redis on a connection outside the client's pool."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         pool = client.connection_pool
-        self._client = aioredis.Redis(
-            connection_pool=aioredis.ConnectionPool(
-                connection_class=pool.connection_class, max_connections=1, **pool.connection_kwargs
-            )
-        )
+        self._client = one_connection_client(pool.connection_class, pool.connection_kwargs)
 
     async def ping(self, *, refresh: bool) -> None:
         await self._client.ping()
@@ -798,7 +805,6 @@ class _Batches:
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
 _HEADER_ALLOWANCE = 64 * 1024
-_ERRORS = REDIS_ERRORS
 
 
 @dataclass(frozen=True, slots=True)
@@ -1141,19 +1147,8 @@ class RedisTier:
                 waiter.set_result(reply)
 
     async def _read_again(self, batches: _Batches, reads: list[tuple[str, ...]]) -> list[Any]:
-        if self._cluster:
-            if batches is self._gets:
-                async with self._client.pipeline(transaction=False) as cluster_pipe:
-                    for (rkey,) in reads:
-                        cluster_pipe.get(rkey)
-                    return await cluster_pipe.execute(raise_on_error=False)
-            again: list[Any] = []
-            for keys in reads:
-                try:
-                    again.append(await self._get_hot(keys=keys, args=self._hot_args()))
-                except ResponseError as exc:
-                    again.append(exc)
-            return again
+        if self._cluster:  # a WRONGTYPE stays an error here: that is what the second look is for
+            return await self._routed("get" if batches is self._gets else "hot", reads)
         async with cast(aioredis.Redis, self._client).pipeline(transaction=False) as pipe:
             for keys in reads:
                 if batches is self._gets:
@@ -1246,8 +1241,8 @@ class RedisTier:
         self, calls: list[tuple[ClusterNode, list[tuple[Any, ...]], bytes | None]]
     ) -> list[list[Any] | BaseException]:
         """Each node's commands (packed already, or packed here) pipelined on
-        one of its connections, every
-        node's sent before any reply is read (no task per node): per node,
+        one of its connections, every node's sent before any reply is read
+        (no task per node): per node,
         its replies (an error reply as its ResponseError), or the exception
         the node met, marked with the node's name. Each node fails alone: a
         refused connection or one that gives no answer within its share of
@@ -1303,10 +1298,17 @@ class RedisTier:
         return [a if a is not None else RedisConnectionError("no answer") for a in answers]
 
     async def _read_routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
+        """:meth:`_routed`, where a key holding another type reads as nil, as
+        in a batch."""
+        return [
+            None if isinstance(r, Exception) and _is_wrongtype(r) else r
+            for r in await self._routed(script, reads)
+        ]
+
+    async def _routed(self, script: str, reads: list[tuple[str, ...]]) -> list[Any]:
         """Reads one by one through the cluster client: one pipeline for plain
         reads, in turn for hot ones (scripts). Each read's reply, or the
-        exception it met (a failed pipeline: all its reads'); a key holding
-        another type reads as nil, as in a batch."""
+        exception it met (a failed pipeline: all its reads')."""
         replies: list[Any]
         if script == "get":
             try:
@@ -1320,7 +1322,7 @@ class RedisTier:
                     replies.append(await self._get_hot(keys=keys, args=self._hot_args()))
                 except REDIS_ERRORS as exc:
                     replies.append(exc)
-        return [None if isinstance(r, Exception) and _is_wrongtype(r) else r for r in replies]
+        return replies
 
     async def _read(self, rkey: str, command: Awaitable[T]) -> T:
         """Read an entry key; a value of another type there is foreign data."""
@@ -1592,11 +1594,12 @@ class RedisTier:
         """
         breaker = self.breaker
         nodes = self._nodes
-        if breaker.open or (nodes is not None and key is not None and nodes.open and nodes.skips(key)):
+        skipped = nodes.skips(key) if nodes is not None and key is not None and nodes.open else None
+        if breaker.open or skipped:
             breaker.skipped += 1
             if inspect.iscoroutine(command):
                 command.close()
-            what = "Redis" if breaker.open else f"its node ({nodes.skips(key) if nodes and key else '?'})"
+            what = f"its node ({skipped})" if skipped else "Redis"
             raise TierUnavailableError(f"redis {op}: skipped, {what} failed repeatedly (circuit open)")
         deadline = self._budget.start()
         try:
@@ -1622,20 +1625,18 @@ class RedisTier:
                     breaker.timeout()
                 raise TierTimeoutError(f"redis {op}: no answer within {self._timeout}s") from None
             raise
-        except _ERRORS as exc:
+        except REDIS_ERRORS as exc:
             if isinstance(exc, ResponseError):
                 breaker.success()  # Redis is there: it answered, with an error
             elif _pool_exhausted(exc):
                 breaker.timeout()  # this process is busy
-            elif isinstance(exc, (TimeoutError, RedisTimeoutError)):
-                if nodes is not None and (name := _failed_node(exc) or (key and nodes.node_of(key))):
-                    nodes.timeout(name)  # that node may hang: check it alone
-                else:
-                    breaker.timeout()
-            elif nodes is not None and (name := _failed_node(exc) or (key and nodes.node_of(key))):
-                nodes.failure(name)  # one node gone: the others are still used
             else:
-                breaker.failure()
+                timed_out = isinstance(exc, (TimeoutError, RedisTimeoutError))
+                name = (_failed_node(exc) or (key and nodes.node_of(key))) if nodes is not None else None
+                if nodes is not None and name:  # one node's trouble: the others are still used
+                    (nodes.timeout if timed_out else nodes.failure)(name)
+                else:
+                    (breaker.timeout if timed_out else breaker.failure)()
             raise _translate(op, self._timeout, exc) from exc
         finally:
             self._budget.finish(deadline)
