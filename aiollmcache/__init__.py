@@ -4,6 +4,7 @@ Memory tier, then Redis, then the model; concurrent identical requests share
 one upstream call. See the README for guarantees and their limits.
 """
 
+from .cache_policy import MAX_SAMPLES, CachePolicy
 from .client import CacheControl, CacheResult, LLMCache, Source
 from .embeddings import Embedder, OpenAIEmbedder
 from .entry import MISSING, Entry
@@ -35,10 +36,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_THRESHOLD",
     "EXCLUDED_PARAMS",
+    "MAX_SAMPLES",
     "MISSING",
     "AiollmcacheError",
     "CacheClosedError",
     "CacheControl",
+    "CachePolicy",
     "CacheResult",
     "CachedOpenAI",
     "CachedStream",

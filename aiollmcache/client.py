@@ -17,9 +17,9 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 
 import orjson
@@ -30,6 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from ._log import RateLimitedLogger, logger
+from .cache_policy import DEFAULT_POLICY, CachePolicy, sample_key
 from .crypto import AESGCMSealer
 from .embeddings import Embeddings, OpenAIEmbedder, Vectors
 from .entry import MISSING, Entry, _Missing
@@ -132,6 +133,8 @@ class CacheControl:
     - ``no_store``: do not store this request's answer.
     - ``semantic``: False keeps this request out of the semantic tier: it is
       answered only by an exact match, and its answer is not indexed.
+    - ``policy``: the :class:`~aiollmcache.cache_policy.CachePolicy` for this
+      request, instead of the cache's.
     """
 
     ttl: Seconds | None = None
@@ -141,9 +144,12 @@ class CacheControl:
     no_cache: bool = False
     no_store: bool = False
     semantic: bool = True
+    policy: CachePolicy | None = None
 
     def __post_init__(self) -> None:
         bad = InvalidRequestError
+        if self.policy is not None and not isinstance(self.policy, CachePolicy):
+            raise InvalidRequestError(f"CacheControl.policy: expected a CachePolicy, got {self.policy!r}")
         object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
         object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
         object.__setattr__(self, "stale_ttl", _seconds(self.stale_ttl, "CacheControl.stale_ttl", error=bad))
@@ -159,6 +165,10 @@ class CacheControl:
 
 
 _DEFAULT_CONTROL: Final = CacheControl()
+# The policy of a request its policy's ``cacheable`` predicate kept out of the cache.
+_UNCACHEABLE: Final = CachePolicy()
+# A cached answer the request's policy would not have stored: not served.
+_REFUSED: Final = Decision(State.EXPIRED, refresh=False)
 # A stream copied to Redis is kept this long after its end, for followers
 # in other processes still reading it.
 _STREAM_KEPT_MS: Final = 30_000
@@ -308,6 +318,8 @@ class LLMCache:
         redis_batching: bool = True,
         semantic: SemanticConfig | None = None,
         prices: Mapping[str, tuple[float, float]] | None = None,
+        policy: CachePolicy | None = None,
+        random_seed: int | None = None,
     ) -> None:
         if redis_url is not None and redis is not None:
             raise ConfigurationError("pass redis_url= or redis=, not both")
@@ -328,6 +340,12 @@ class LLMCache:
                 "semantic: no embedder; pass openai= (its embeddings endpoint is used) "
                 "or SemanticConfig(embedder=...)"
             )
+        if policy is not None and not isinstance(policy, CachePolicy):
+            raise ConfigurationError(f"policy: expected a CachePolicy, got {type(policy).__name__}")
+        if random_seed is not None and (isinstance(random_seed, bool) or not isinstance(random_seed, int)):
+            raise ConfigurationError(f"random_seed: expected an integer, got {random_seed!r}")
+        self._policy = policy or DEFAULT_POLICY
+        self._rng = random.Random(random_seed)
         if model is not None and (not isinstance(model, str) or not model):
             raise ConfigurationError(f"model: expected a non-empty string, got {model!r}")
         self._namespace = validate_namespace(namespace)
@@ -390,7 +408,7 @@ class LLMCache:
         ):
             raise ConfigurationError(f"xfetch_beta: expected a finite number >= 0, got {xfetch_beta!r}")
         self._xfetch_beta = float(xfetch_beta)
-        self._seed = random.getrandbits(64)
+        self._seed = self._rng.getrandbits(64)
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._version_retry_at = 0.0
@@ -745,8 +763,7 @@ class LLMCache:
         self._epoch += 1
         kind = invalidation.kind
         if kind is InvalidationKind.KEY:
-            assert invalidation.key is not None
-            count = int(self._memory.delete(invalidation.key))
+            count = sum(self._memory.delete(key) for key in invalidation.keys)
         elif kind is InvalidationKind.EVERYTHING or kind is InvalidationKind.RESYNC:
             count = self._memory.clear()
             if kind is InvalidationKind.EVERYTHING and self._semantic is not None:
@@ -804,16 +821,26 @@ class LLMCache:
     async def _complete(
         self, request: ChatRequest, control: CacheControl | None, upstream: Upstream | None
     ) -> CacheResult:
-        control = control or _DEFAULT_CONTROL
+        control = self._control(request, control)
         if self._state != _OPEN:
             await self.open()
         if upstream is None:
             raise ConfigurationError("no upstream: pass openai= or upstream= to LLMCache")
         self._stats.requests += 1
-        key = request.key
         if control.no_cache:
             entry = await self._compute(request, control, upstream)
             return self._computed(entry)
+        bucket = (control.policy or self._policy).bucket(request.params)
+        if bucket > 1:
+            picked = await self._pick_sample(request, control, bucket)
+            if isinstance(picked, ChatRequest):
+                request, control = picked, replace(control, semantic=False)
+            else:
+                entry, source, now, decision, member = picked
+                return self._serve(
+                    entry, source, now, decision, None if control.no_store else (member, upstream)
+                )
+        key = request.key
         # Refreshing a stale answer stores it: not on behalf of a no_store request.
         refresh = None if control.no_store else (request, upstream)
         while True:
@@ -838,7 +865,7 @@ class LLMCache:
                     streaming.leave()
                 if streaming.entry is not None:
                     now = time.time()
-                    decision = self._decide(streaming.entry, now, control)
+                    decision = self._decide(streaming.entry, now, control, cached=False)
                     if decision.servable:
                         self._stats.coalesced += 1
                         return self._serve(streaming.entry, streaming.source, now, decision, refresh, True)
@@ -851,7 +878,7 @@ class LLMCache:
                     continue
                 entry, source, _, similarity = outcome
                 now = time.time()
-                decision = self._decide(entry, now, control)
+                decision = self._decide(entry, now, control, cached=False)
                 if decision.servable and (control.semantic or source is not Source.SEMANTIC):
                     self._stats.coalesced += 1
                     if source is Source.SEMANTIC:  # an answer to another question: not refreshed as ours
@@ -874,6 +901,55 @@ class LLMCache:
                 return self._computed(entry)
 
             return await self._lead(request, control, upstream, now)
+
+    def _control(self, request: ChatRequest, control: CacheControl | None) -> CacheControl:
+        """The request's settings, with its policy's ``cacheable`` predicate applied."""
+        control = control or _DEFAULT_CONTROL
+        cacheable = (control.policy or self._policy).cacheable
+        if cacheable is not None and not cacheable(MappingProxyType(request.params)):
+            return replace(control, no_cache=True, no_store=True, policy=_UNCACHEABLE)
+        return control
+
+    async def _pick_sample(
+        self, request: ChatRequest, control: CacheControl, size: int
+    ) -> tuple[Entry, Source, float, Decision, ChatRequest] | ChatRequest:
+        """For a request with a sample bucket of ``size``: one of its answers
+        at random once there are ``size`` (with where it was found, the time,
+        what to do about it and the request of that sample), else the request
+        of a sample to fill: a missing one no call here is filling yet (at
+        random, so that processes filling at once take different ones), or,
+        when all are being filled, one of those (its call is joined)."""
+        keys = [sample_key(request.key, i) for i in range(size)]
+        now = time.time()
+        found: dict[int, tuple[Entry, Source, Decision]] = {}
+        for i, key in enumerate(keys):
+            cached = self._memory.get(key)
+            if cached is not MISSING:
+                decision = self._decide(cached, now, control)
+                if decision.servable:
+                    found[i] = (cached, Source.MEMORY, decision)
+        missing = [i for i in range(size) if i not in found]
+        if missing and self._redis is not None:
+            reads = await asyncio.gather(
+                *(self._redis_get(keys[i], control, now, count=False) for i in missing)
+            )
+            for i, read in zip(missing, reads, strict=True):
+                if read is not None:
+                    found[i] = (read[0], Source.REDIS, read[1])
+            missing = [i for i in missing if i not in found]
+        if not missing:
+            index = self._rng.randrange(size)
+            entry, source, decision = found[index]
+            if source is Source.MEMORY:
+                self._stats.hits_memory += 1
+            else:
+                self._stats.hits_redis += 1
+            self._stats.samples_served += 1
+            return entry, source, now, decision, ChatRequest(request.model, request.params, keys[index])
+        self._stats.samples_filled += 1
+        idle = [i for i in missing if self._flights.get(keys[i]) is None and keys[i] not in self._streams]
+        index = self._rng.choice(idle or missing)
+        return ChatRequest(request.model, request.params, keys[index])
 
     async def _lead(
         self, request: ChatRequest, control: CacheControl, upstream: Upstream, now: float
@@ -901,16 +977,19 @@ class LLMCache:
         if source is Source.UPSTREAM:  # computed here, for this caller
             return self._computed(entry)
         if source is Source.SEMANTIC:
-            decision = self._decide(entry, now, control)
+            decision = self._decide(entry, now, control, cached=False)
             return self._serve(entry, source, now, decision, None, False, similarity)
         if remote:
             self._stats.coalesced_remote += 1
         # Found in Redis, or computed by another process: served as any hit.
-        decision = self._decide(entry, now, control)
+        decision = self._decide(entry, now, control, cached=False)
         return self._serve(entry, source, now, decision, (request, upstream), coalesced=remote)
 
-    async def _redis_get(self, key: str, control: CacheControl, now: float) -> tuple[Entry, Decision] | None:
-        """The entry in Redis if it may be served, with what to do about it."""
+    async def _redis_get(
+        self, key: str, control: CacheControl, now: float, *, count: bool = True
+    ) -> tuple[Entry, Decision] | None:
+        """The entry in Redis if it may be served, with what to do about it
+        (counted as a hit unless ``count`` is False)."""
         tier = self._redis
         if tier is None:
             return None
@@ -925,7 +1004,8 @@ class LLMCache:
         decision = self._decide(entry, now, control)
         if not decision.servable:
             return None
-        self._stats.hits_redis += 1
+        if count:
+            self._stats.hits_redis += 1
         self._remember(entry, now, epoch)
         return entry, decision
 
@@ -1010,13 +1090,13 @@ class LLMCache:
         if origin == "computed":
             await self._index_answer(request, control, entry)
             return entry, Source.UPSTREAM, False, None
-        return entry, Source.REDIS, origin == "waited", None
+        return entry, Source.REDIS, origin != "found", None
 
     async def _compute(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
-        """Call upstream and store the answer (unless ``no_store``), without a lease."""
+        """Call upstream and store the answer (unless the policy refuses it), without a lease."""
         epoch = self._epoch
         entry = await self._call_upstream(request, control, upstream)
-        if not control.no_store:
+        if entry.refused is None:
             await self._store(entry, entry.created_at, epoch)
             await self._index_answer(request, control, entry)
         return entry
@@ -1028,8 +1108,10 @@ class LLMCache:
         try:
             body = await upstream(request.params)
             raw, response = parse_response(body)
-        except BaseException:
+        except BaseException as exc:
             self._stats.upstream_errors += 1
+            if isinstance(exc, Exception):
+                self._stats.not_stored["error"] += 1
             raise
         return self._new_entry(request, control, raw, response, started)
 
@@ -1044,7 +1126,7 @@ class LLMCache:
         created = time.time()
         fresh_until = created + _control_seconds(control.ttl, self._ttl)
         usage = response.usage
-        return Entry(
+        entry = Entry(
             key=request.key,
             response=response,
             raw=raw,
@@ -1058,15 +1140,43 @@ class LLMCache:
             tags=tuple(control.tags or ()),
             system=system_text(request.params["messages"]),
         )
+        refused = entry.refused = self._refusal(request, control, entry)
+        if refused is not None:
+            self._stats.not_stored[refused] += 1
+        return entry
+
+    def _refusal(self, request: ChatRequest, control: CacheControl, entry: Entry) -> str | None:
+        """Why the policy keeps a new answer out of the cache, or None to store it."""
+        policy = control.policy or self._policy
+        if policy is _UNCACHEABLE:
+            return "uncacheable"
+        if control.no_store:
+            return "no_store"
+        refused = policy.refusal(entry.kind)
+        if refused is None and policy.should_store is not None:
+            try:
+                keep = policy.should_store(MappingProxyType(request.params), entry.response)
+            except Exception as exc:
+                self._log.warning(
+                    "should_store", "should_store raised, answer not stored: %s: %s", type(exc).__name__, exc
+                )
+                keep = False
+            if not keep:
+                refused = "should_store"
+        return refused
 
     def _encode_for_redis(self, entry: Entry) -> bytes | None:
         assert self._redis is not None
+        if entry.refused is not None:
+            return None
         if not self._redis.storable(entry):
             self._stats.store_skipped += 1
             return None
         return self._redis.encode(entry)
 
     async def _store(self, entry: Entry, now: float, epoch: int) -> None:
+        if entry.refused is not None:
+            return
         if len(entry.raw) > self._max_entry_bytes:
             self._stats.store_skipped += 1
             return
@@ -1122,7 +1232,7 @@ class LLMCache:
         include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
 
         async def opener() -> tuple[Any, Source, bool, ChunkLog | None]:
-            return await self._open_stream(request, control or _DEFAULT_CONTROL, upstream, include_usage)
+            return await self._open_stream(request, self._control(request, control), upstream, include_usage)
 
         return CachedStream(request.key, opener)
 
@@ -1135,6 +1245,15 @@ class LLMCache:
             raise ConfigurationError("no upstream: pass openai= or upstream= to LLMCache")
         self._stats.requests += 1
         self._stats.streams += 1
+        bucket = 1 if control.no_cache else (control.policy or self._policy).bucket(request.params)
+        if bucket > 1:
+            picked = await self._pick_sample(request, control, bucket)
+            if isinstance(picked, ChatRequest):
+                request, control = picked, replace(control, semantic=False)
+            else:
+                entry, source, now, decision, member = picked
+                self._serve(entry, source, now, decision, None if control.no_store else (member, upstream))
+                return self._replayed(entry, include_usage), source, False, None
         key = request.key
         refresh = None if control.no_store else (request, upstream)
         shared = not (control.no_cache or control.no_store)
@@ -1164,7 +1283,7 @@ class LLMCache:
                     continue
                 entry, source, _, _ = outcome
                 now = time.time()
-                decision = self._decide(entry, now, control)
+                decision = self._decide(entry, now, control, cached=False)
                 if decision.servable and source is not Source.SEMANTIC:
                     self._stats.coalesced += 1
                     self._serve(entry, source, now, decision, refresh, coalesced=True)
@@ -1267,8 +1386,10 @@ class LLMCache:
             if not records:
                 raise StreamInterruptedError("the model's stream ended without a chunk")
             raw, response = parse_response(orjson.dumps(assemble(records)))
-        except BaseException:
+        except BaseException as exc:
             self._stats.upstream_errors += 1
+            if isinstance(exc, Exception):
+                self._stats.not_stored["error"] += 1
             raise
         return self._new_entry(request, control, raw, response, started)
 
@@ -1510,7 +1631,7 @@ class LLMCache:
         a paraphrase asked next is found; else in the background, after
         embedding the question."""
         query = self._semantic_query(request, control)
-        if query is None or self._embeddings is None or self._state != _OPEN:
+        if query is None or self._embeddings is None or self._state != _OPEN or entry.refused is not None:
             return
         vector = self._embeddings.cached(query.text)
         if vector is None:
@@ -1536,7 +1657,12 @@ class LLMCache:
         """Keep ``entry`` in the memory tier, unless an invalidation was applied
         since ``epoch`` was read: what was read or computed before it may be
         what it retired."""
-        if not self._memory.enabled or len(entry.raw) > self._max_entry_bytes or epoch != self._epoch:
+        if (
+            not self._memory.enabled
+            or len(entry.raw) > self._max_entry_bytes
+            or epoch != self._epoch
+            or entry.refused is not None
+        ):
             return
         size = _MEMORY_SIZE_FACTOR * len(entry.raw) + _MEMORY_ENTRY_OVERHEAD
         # Kept until hard expiry: a stale answer is served from memory too. With
@@ -1544,7 +1670,13 @@ class LLMCache:
         until = entry.fresh_until if self._hot_sliding else entry.expires_at
         self._memory.set(entry.key, entry, ttl=until - now, size=size)
 
-    def _decide(self, entry: Entry, now: float, control: CacheControl) -> Decision:
+    def _decide(self, entry: Entry, now: float, control: CacheControl, *, cached: bool = True) -> Decision:
+        """What to do with ``entry`` for this request at ``now``. A ``cached``
+        entry (read from a tier, not an answer shared by a call in flight) is
+        served only if the request's policy would have stored it."""
+        if cached and (control.policy or self._policy).refusal(entry.kind) is not None:
+            self._stats.cached_refused += 1
+            return _REFUSED
         early_at = entry.early_at
         if early_at is None:
             early_at = entry.early_at = early_refresh_at(

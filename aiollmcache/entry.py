@@ -34,6 +34,7 @@ import pydantic
 from openai.types.chat import ChatCompletion
 from pydantic import ValidationError
 
+from .cache_policy import AnswerKind, classify, classify_raw
 from .errors import CorruptEntryError
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class Entry:
     """
 
     __slots__ = (
+        "_kind",
         "_response",
         "_text",
         "completion_tokens",
@@ -111,6 +113,7 @@ class Entry:
         "model",
         "prompt_tokens",
         "raw",
+        "refused",
         "slid_until",
         "system",
         "tags",
@@ -150,6 +153,10 @@ class Entry:
         self.early_at: float | None = None
         # How long Redis keeps it, when that was extended past expires_at (hot keys).
         self.slid_until = 0.0
+        self._kind: AnswerKind | None = None
+        # Why the cache policy keeps this answer out of the cache (None: it may
+        # be stored). Set on answers from the model; an entry read back was stored.
+        self.refused: str | None = None
 
     @property
     def response(self) -> ChatCompletion:
@@ -157,6 +164,15 @@ class Entry:
         if response is None:
             response = self._response = ChatCompletion.model_validate_json(self.raw)
         return response
+
+    @property
+    def kind(self) -> AnswerKind:
+        """What the answer is for the cache policy (truncated, tool calls...)."""
+        kind = self._kind
+        if kind is None:
+            response = self._response
+            kind = self._kind = classify(response) if response is not None else classify_raw(self.raw)
+        return kind
 
     @property
     def text(self) -> str:

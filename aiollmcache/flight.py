@@ -175,9 +175,10 @@ class LeaseStats:
     wait_timeouts: int = 0
     resyncs: int = 0
     corrupt: int = 0
+    passed: int = 0
 
 
-Origin = Literal["computed", "waited", "found"]
+Origin = Literal["computed", "waited", "found", "passed"]
 
 # A waiter wakes this long after the lease should have expired, so a holder
 # that died is replaced at most ttl + this after its last renewal.
@@ -244,8 +245,9 @@ class Coordinator:
         accept: Callable[[Entry], bool],
     ) -> tuple[Entry, Origin]:
         """Return the entry for ``key`` and where it came from: ``"computed"``
-        here, ``"waited"`` for (computed by another process meanwhile), or
-        ``"found"`` in Redis at once.
+        here, ``"waited"`` for (computed by another process meanwhile),
+        ``"passed"`` (computed by another process and handed to its waiters,
+        not stored: its ``refused`` says why), or ``"found"`` in Redis at once.
 
         ``compute`` calls the model; ``encode`` gives the bytes to store (None:
         do not store); ``accept`` says whether an entry found in Redis may be
@@ -302,6 +304,11 @@ class Coordinator:
                         self.stats.remote_failures += 1
                         raise remote_error(message)
                     carried = self._tier.decode_notification(key, message)
+                    if carried is not None and carried.refused is not None:
+                        # The holder's answer, not stored (the policy refused it): for the
+                        # callers who waited on it, as the holder's own callers get it.
+                        self.stats.passed += 1
+                        return carried, "passed"
                     if carried is not None and accept(carried):
                         self.stats.waited += 1
                         return carried, "waited"
@@ -349,8 +356,10 @@ class Coordinator:
         try:
             blob = encode(entry)
             if blob is None:
-                # Nothing to share: let a waiter (if any) compute its own.
-                await self._release_quietly(self._tier.abandon(key, token, b"retry"))
+                # Not stored. An answer the policy refused still goes to the
+                # waiters, in the message, if it fits; else a waiter (if any)
+                # computes its own.
+                await self._release_quietly(self._tier.abandon(key, token, self._tier.passing(entry)))
             elif await self._tier.commit(entry, blob, token):
                 self.stats.committed += 1
             else:

@@ -37,6 +37,7 @@ from typing import Any, Final
 import orjson
 
 from ._log import RateLimitedLogger
+from .cache_policy import MAX_SAMPLES, sample_key
 from .entry import Entry
 from .errors import CorruptEntryError, InvalidRequestError, TierError
 from .tiers.pubsub import RESYNC, PubSubHub, Subscription
@@ -151,11 +152,19 @@ class Invalidation:
     version: int | None = None
     remote: bool = False
 
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """For ``KEY``: the key and the keys of its sample bucket's other
+        answers (see :class:`~aiollmcache.cache_policy.CachePolicy`)."""
+        if self.key is None:
+            return ()
+        return tuple(sample_key(self.key, i) for i in range(MAX_SAMPLES))
+
     def matches(self, key: str, entry: Entry) -> bool:
         """Whether the entry at ``key`` is retired by this invalidation."""
         kind = self.kind
         if kind is InvalidationKind.KEY:
-            return key == self.key
+            return key in self.keys
         if kind is InvalidationKind.TAG:
             return self.tag in entry.tags
         if kind is InvalidationKind.PATTERN:
@@ -212,8 +221,7 @@ async def retire(tier: RedisTier, invalidation: Invalidation) -> int | None:
     were deleted (None for a version bump, which deletes nothing)."""
     kind = invalidation.kind
     if kind is InvalidationKind.KEY:
-        assert invalidation.key is not None
-        return await tier.unlink([invalidation.key])
+        return await tier.unlink(list(invalidation.keys))
     if kind is InvalidationKind.TAG:
         assert invalidation.tag is not None
         return await tier.retire_tag(invalidation.tag)

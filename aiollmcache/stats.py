@@ -10,6 +10,8 @@ from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from .cache_policy import NOT_STORED_REASONS
+
 __all__ = ["LATENCY_BUCKETS", "SIMILARITY_BUCKETS", "Stats"]
 
 # Upper bounds (seconds) of the latency histogram's buckets, the last one
@@ -70,6 +72,11 @@ class Stats:
     semantic_rejected: int = 0
     semantic_errors: int = 0
     semantic_indexed: int = 0
+    # answers from the model not stored, by reason (cache_policy.NOT_STORED_REASONS)
+    not_stored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(NOT_STORED_REASONS, 0))
+    cached_refused: int = 0
+    samples_served: int = 0
+    samples_filled: int = 0
     # per SIMILARITY_BUCKETS, then lookups that found no candidate at all
     similarity_counts: list[int] = field(default_factory=lambda: [0] * (len(SIMILARITY_BUCKETS) + 1))
     cost_saved_usd: float = 0.0

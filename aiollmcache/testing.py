@@ -97,22 +97,23 @@ def chat_completion(
     created: int = 0,
     usage: Mapping[str, int] | None = None,
     system_fingerprint: str | None = None,
+    finish_reason: str = "stop",
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A chat completion as the API returns it (``n`` identical choices of
-    ``content``): what :class:`FakeOpenAI` answers, and what an ``upstream=``
-    callable in a test can return."""
+    ``content``, or of ``tool_calls`` when given, with ``finish_reason``): what
+    :class:`FakeOpenAI` answers, and what an ``upstream=`` callable in a test
+    can return."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": tool_calls}
     completion: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": content, "refusal": None},
-                "finish_reason": "stop",
-                "logprobs": None,
-            }
+            {"index": i, "message": message, "finish_reason": finish_reason, "logprobs": None}
             for i in range(n)
         ],
     }
@@ -158,6 +159,17 @@ class FakeOpenAI:
       similar.
     - ``embeddings_status``: set to an HTTP error status (e.g. 503) to make
       every embeddings request fail with it; ``None`` (the default) answers.
+
+    Answers that are not plain, as the API gives them:
+
+    - ``max_tokens`` (or ``max_completion_tokens``) below the answer's length
+      in words: the answer is cut to that many words, finish reason ``length``.
+    - ``tools`` with ``tool_choice`` ``"required"`` or naming a function, the
+      last message not being a tool's result: one call of the named (or first)
+      tool with arguments ``{"query": <last user message>}``, finish reason
+      ``tool_calls``.
+    - :meth:`filter`: the next matching answers are cut by the "content
+      filter": the first word only, finish reason ``content_filter``.
     """
 
     def __init__(
@@ -186,6 +198,7 @@ class FakeOpenAI:
         self._requests: list[dict[str, Any]] = []
         self._failures: list[_Failure] = []
         self._cuts: list[_Failure] = []
+        self._filters: list[_Failure] = []
         self._ids = itertools.count(1)
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
@@ -336,6 +349,14 @@ class FakeOpenAI:
         with self._lock:
             self._cuts.append(_Failure(None, times, prompt, f"cut after {after}", cut_after=after))
 
+    def filter(self, *, times: int = 1, prompt: str | None = None) -> None:
+        """Answer the next ``times`` matching chat requests as cut by a content
+        filter (finish reason ``content_filter``)."""
+        if times < 1:
+            raise ValueError("filter: times must be >= 1")
+        with self._lock:
+            self._filters.append(_Failure(None, times, prompt, "content filter"))
+
     def hang(self, *, times: int = 1, prompt: str | None = None) -> None:
         """Never answer the next ``times`` matching chat requests (until the server stops)."""
         if times < 1:
@@ -351,6 +372,7 @@ class FakeOpenAI:
             self._requests.clear()
             self._failures.clear()
             self._cuts.clear()
+            self._filters.clear()
 
     # -- handlers ----------------------------------------------------------------------
 
@@ -415,6 +437,15 @@ class FakeOpenAI:
         if len(content) < self.answer_chars:
             content = content.ljust(self.answer_chars)
         completion_id = f"chatcmpl-fake-{next(self._ids)}"
+        finish_reason = "stop"
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        if type(limit) is int and limit > 0 and _tokens(content) > limit:
+            content, finish_reason = " ".join(content.split()[:limit]), "length"
+        if self._take_filter(prompt):
+            content, finish_reason = content.split(" ")[0], "content_filter"
+        tool_calls = self._tool_calls(body, prompt, f"call_{completion_id}")
+        if tool_calls is not None:
+            finish_reason = "tool_calls"
         created = int(time.time())
         usage = {
             "prompt_tokens": sum(
@@ -435,6 +466,8 @@ class FakeOpenAI:
                     n,
                     usage if include_usage else None,
                     cut,
+                    finish_reason,
+                    tool_calls,
                 ),
                 media_type="text/event-stream",
             )
@@ -446,8 +479,36 @@ class FakeOpenAI:
             created=created,
             usage=usage,
             system_fingerprint="fp_fake",
+            finish_reason=finish_reason,
+            tool_calls=tool_calls,
         )
         return Response(orjson.dumps(completion), media_type="application/json")
+
+    def _take_filter(self, prompt: str) -> bool:
+        with self._lock:
+            for rule in self._filters:
+                if rule.prompt is None or rule.prompt == prompt:
+                    rule.remaining -= 1
+                    if rule.remaining <= 0:
+                        self._filters.remove(rule)
+                    return True
+        return False
+
+    @staticmethod
+    def _tool_calls(body: Mapping[str, Any], prompt: str, call_id: str) -> list[dict[str, Any]] | None:
+        """The tool calls the request forces, if any."""
+        tools, choice = body.get("tools"), body.get("tool_choice")
+        messages = body.get("messages") or [{}]
+        if not isinstance(tools, list) or not tools or messages[-1].get("role") == "tool":
+            return None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+        elif choice == "required":
+            name = (tools[0].get("function") or {}).get("name") if isinstance(tools[0], dict) else None
+        else:
+            return None
+        arguments = orjson.dumps({"query": prompt}).decode()
+        return [{"id": call_id, "type": "function", "function": {"name": str(name), "arguments": arguments}}]
 
     def _take_cut(self, prompt: str) -> int | None:
         with self._lock:
@@ -468,6 +529,8 @@ class FakeOpenAI:
         n: int,
         usage: dict[str, int] | None,
         cut_after: int | None = None,
+        finish_reason: str = "stop",
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> AsyncIterator[bytes]:
         def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> bytes:
             data: dict[str, Any] = {
@@ -483,8 +546,14 @@ class FakeOpenAI:
 
         pieces = [p + " " for p in content.split(" ")]
         pieces[-1] = pieces[-1][:-1]
+        if tool_calls:
+            pieces = []
         for i in range(n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        for i in range(n):
+            for position, call in enumerate(tool_calls or ()):
+                delta = {"tool_calls": [{"index": position, **call}]}
+                yield chunk([{"index": i, "delta": delta, "finish_reason": None}])
         for sent, piece in enumerate(pieces):
             if sent == cut_after:
                 raise ConnectionAbortedError("FakeOpenAI: stream cut (injected)")
@@ -493,7 +562,7 @@ class FakeOpenAI:
             for i in range(n):
                 yield chunk([{"index": i, "delta": {"content": piece}, "finish_reason": None}])
         for i in range(n):
-            yield chunk([{"index": i, "delta": {}, "finish_reason": "stop"}])
+            yield chunk([{"index": i, "delta": {}, "finish_reason": finish_reason}])
         if usage is not None:
             yield chunk([], usage)
         yield b"data: [DONE]\n\n"

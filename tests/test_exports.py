@@ -6,10 +6,12 @@ def test_public_api_is_pinned() -> None:
         [
             "DEFAULT_THRESHOLD",
             "EXCLUDED_PARAMS",
+            "MAX_SAMPLES",
             "MISSING",
             "AiollmcacheError",
             "CacheClosedError",
             "CacheControl",
+            "CachePolicy",
             "CacheResult",
             "CachedOpenAI",
             "CachedStream",

@@ -79,6 +79,7 @@ async def test_another_process_hits_what_this_one_stored(
         "text": mine.text,
         "key": mine.key,
         "id": mine.response.id,
+        "finish_reason": "stop",
     }
     assert fake.calls("across processes") == 1
 

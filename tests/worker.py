@@ -2,6 +2,7 @@
 
     python -m tests.worker REDIS_URL BASE_URL NAMESPACE PROMPT [--callers N]
         [--lease-ttl S] [--client-timeout S] [--ttl S] [--stale-ttl S] [--wait-go]
+        [--max-tokens N] [--temperature T] [--samples K]
 
 With --wait-go it prints "ready" once the cache is open and waits for a line
 on stdin before firing, so several workers can start together. It prints one
@@ -19,12 +20,12 @@ from typing import Any
 import orjson
 from openai import AsyncOpenAI
 
-from aiollmcache import LLMCache
+from aiollmcache import CachePolicy, LLMCache
 
 
-async def call(cache: LLMCache, prompt: str) -> dict[str, Any]:
+async def call(cache: LLMCache, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
-        result = await cache.complete([{"role": "user", "content": prompt}])
+        result = await cache.complete([{"role": "user", "content": prompt}], **params)
     except Exception as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
     return {
@@ -34,6 +35,7 @@ async def call(cache: LLMCache, prompt: str) -> dict[str, Any]:
         "text": result.text,
         "key": result.key,
         "id": result.response.id,
+        "finish_reason": result.response.choices[0].finish_reason,
     }
 
 
@@ -50,11 +52,17 @@ async def main(args: argparse.Namespace) -> None:
             lease_ttl=args.lease_ttl,
             ttl=args.ttl,
             stale_ttl=args.stale_ttl,
+            policy=CachePolicy(samples=args.samples),
         ) as cache:
             if args.wait_go:
                 print("ready", flush=True)
                 await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-            results = await asyncio.gather(*(call(cache, args.prompt) for _ in range(args.callers)))
+            params: dict[str, Any] = {}
+            if args.max_tokens is not None:
+                params["max_tokens"] = args.max_tokens
+            if args.temperature is not None:
+                params["temperature"] = args.temperature
+            results = await asyncio.gather(*(call(cache, args.prompt, params) for _ in range(args.callers)))
         stats = cache.stats()  # after closing, which drains background refreshes
         sys.stdout.buffer.write(orjson.dumps({"results": results, "stats": stats}) + b"\n")
         sys.stdout.flush()
@@ -74,4 +82,7 @@ if __name__ == "__main__":
     parser.add_argument("--ttl", type=float, default=3600.0)
     parser.add_argument("--stale-ttl", type=float, default=0.0)
     parser.add_argument("--wait-go", action="store_true")
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--samples", type=int, default=1)
     asyncio.run(main(parser.parse_args()))

@@ -1561,13 +1561,26 @@ class RedisTier:
             until = max(until, entry.created_at + self._hot.max_age_ms / 1000)
         return max(1, math.ceil((until - self._clock()) * 1000))
 
+    def passing(self, entry: Entry) -> bytes:
+        """The message that releases a lease without storing ``entry``: the
+        entry itself ("pass:") when the policy refused it and it is small
+        enough to carry, else "retry" (a waiter computes its own)."""
+        if entry.refused is None:
+            return b"retry"
+        blob = self.encode(entry)
+        if len(blob) > _INLINE_NOTIFICATION_BYTES:
+            return b"retry"
+        return b"pass:" + blob
+
     def decode_notification(self, key: str, message: bytes) -> Entry | None:
-        """The entry carried by a "done:" message, or None (none carried, or
-        invalid: the caller then reads Redis)."""
-        if not message.startswith(b"done:"):
+        """The entry carried by a "done:" or "pass:" message (a "pass:" one
+        with ``refused`` set: not stored), or None (none carried, or invalid:
+        the caller then reads Redis)."""
+        passed = message.startswith(b"pass:")
+        if not passed and not message.startswith(b"done:"):
             return None
         try:
-            return decode_entry(
+            entry = decode_entry(
                 message[5:],
                 key,
                 max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
@@ -1576,6 +1589,9 @@ class RedisTier:
             )
         except CorruptEntryError:
             return None
+        if passed:
+            entry.refused = "passed"
+        return entry
 
     async def abandon(self, key: str, token: str, message: bytes) -> bool:
         """Release the lease without an entry and publish ``message`` to waiters."""
