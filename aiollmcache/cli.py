@@ -247,6 +247,7 @@ _STATS_ROWS = (
     ("coalesced (other processes)", "coalesced_remote"),
     ("model calls", "upstream_calls"),
     ("model errors", "upstream_errors"),
+    ("stored", "stores"),
     ("stale served", "stale_served"),
     ("refreshes", "refreshes"),
     ("redis errors", "redis_errors"),
@@ -290,6 +291,8 @@ def _stats(args: argparse.Namespace) -> int:
             else f"{value:,}"
         )
         rows.append((label, text))
+    not_stored = snapshot.get("not_stored") or {}
+    rows += [(f"not stored: {reason}", f"{n:,}") for reason, n in not_stored.items() if n]
     print(format_table(("counter", "value"), rows))
     latency = snapshot.get("latency") or {}
     lines = [

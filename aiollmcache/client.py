@@ -281,7 +281,10 @@ class LLMCache:
     (concurrent Redis reads share a round trip); ``semantic`` (a
     ``SemanticConfig``: paraphrases answered from the cache); ``prices``
     (``{model prefix: (input, output) USD per million tokens}``, for
-    ``stats()["cost_saved_usd"]``). See the README and ``docs/``.
+    ``stats()["cost_saved_usd"]``); ``policy`` (a ``CachePolicy``: which
+    answers are stored and served, sample buckets); ``random_seed`` (seeds the
+    cache's random draws: which answer of a sample bucket is served, early
+    refresh). See the README and ``docs/``.
     """
 
     def __init__(
@@ -834,15 +837,19 @@ class LLMCache:
         if bucket > 1:
             picked = await self._pick_sample(request, control, bucket)
             if isinstance(picked, ChatRequest):
-                request, control = picked, replace(control, semantic=False)
+                request = picked
             else:
                 entry, source, now, decision, member = picked
                 return self._serve(
-                    entry, source, now, decision, None if control.no_store else (member, upstream)
+                    entry,
+                    source,
+                    now,
+                    decision,
+                    None if control.no_store else (member, upstream, control.policy),
                 )
         key = request.key
         # Refreshing a stale answer stores it: not on behalf of a no_store request.
-        refresh = None if control.no_store else (request, upstream)
+        refresh = None if control.no_store else (request, upstream, control.policy)
         while True:
             now = time.time()
             cached = self._memory.get(key)
@@ -945,11 +952,11 @@ class LLMCache:
             else:
                 self._stats.hits_redis += 1
             self._stats.samples_served += 1
-            return entry, source, now, decision, ChatRequest(request.model, request.params, keys[index])
+            return entry, source, now, decision, ChatRequest(request.model, request.params, keys[index], True)
         self._stats.samples_filled += 1
         idle = [i for i in missing if self._flights.get(keys[i]) is None and keys[i] not in self._streams]
         index = self._rng.choice(idle or missing)
-        return ChatRequest(request.model, request.params, keys[index])
+        return ChatRequest(request.model, request.params, keys[index], True)
 
     async def _lead(
         self, request: ChatRequest, control: CacheControl, upstream: Upstream, now: float
@@ -961,7 +968,7 @@ class LLMCache:
             if found is not None:
                 entry, decision = found
                 self._flights.settle(key, flight, (entry, Source.REDIS, False, None))
-                return self._serve(entry, Source.REDIS, now, decision, (request, upstream))
+                return self._serve(entry, Source.REDIS, now, decision, (request, upstream, control.policy))
             task = self._spawn(self._fill(request, control, upstream))
             self._flights.follow_task(key, flight, task)
         except BaseException:
@@ -983,7 +990,9 @@ class LLMCache:
             self._stats.coalesced_remote += 1
         # Found in Redis, or computed by another process: served as any hit.
         decision = self._decide(entry, now, control, cached=False)
-        return self._serve(entry, source, now, decision, (request, upstream), coalesced=remote)
+        return self._serve(
+            entry, source, now, decision, (request, upstream, control.policy), coalesced=remote
+        )
 
     async def _redis_get(
         self, key: str, control: CacheControl, now: float, *, count: bool = True
@@ -1249,13 +1258,19 @@ class LLMCache:
         if bucket > 1:
             picked = await self._pick_sample(request, control, bucket)
             if isinstance(picked, ChatRequest):
-                request, control = picked, replace(control, semantic=False)
+                request = picked
             else:
                 entry, source, now, decision, member = picked
-                self._serve(entry, source, now, decision, None if control.no_store else (member, upstream))
+                self._serve(
+                    entry,
+                    source,
+                    now,
+                    decision,
+                    None if control.no_store else (member, upstream, control.policy),
+                )
                 return self._replayed(entry, include_usage), source, False, None
         key = request.key
-        refresh = None if control.no_store else (request, upstream)
+        refresh = None if control.no_store else (request, upstream, control.policy)
         shared = not (control.no_cache or control.no_store)
         while not control.no_cache:
             now = time.time()
@@ -1541,7 +1556,7 @@ class LLMCache:
 
     def _semantic_query(self, request: ChatRequest, control: CacheControl) -> SemanticQuery | None:
         config, embeddings = self._semantic_config, self._embeddings
-        if config is None or embeddings is None or not control.semantic:
+        if config is None or embeddings is None or not control.semantic or request.sampled:
             return None
         query = semantic_query(
             request,
@@ -1702,7 +1717,7 @@ class LLMCache:
         source: Source,
         now: float,
         decision: Decision,
-        refresh: tuple[ChatRequest, Upstream] | None,
+        refresh: tuple[ChatRequest, Upstream, CachePolicy | None] | None,
         coalesced: bool = False,
         similarity: float | None = None,
     ) -> CacheResult:
@@ -1721,7 +1736,9 @@ class LLMCache:
             self._stats.cost_saved_usd += cost
         return CacheResult(entry, source, entry.age(now), coalesced, stale, similarity)
 
-    def _schedule_refresh(self, entry: Entry, request: ChatRequest, upstream: Upstream) -> None:
+    def _schedule_refresh(
+        self, entry: Entry, request: ChatRequest, upstream: Upstream, policy: CachePolicy | None
+    ) -> None:
         """Start a background refresh of ``entry``: one per key in this process,
         at most ``max_refreshes`` at once (beyond that, skipped and counted)."""
         key = entry.key
@@ -1730,21 +1747,25 @@ class LLMCache:
         if len(self._refreshing) >= self._max_refreshes:
             self._stats.refreshes_skipped += 1
             return
-        self._refreshing[key] = self._spawn(self._refresh(entry, request, upstream))
+        self._refreshing[key] = self._spawn(self._refresh(entry, request, upstream, policy))
         self._stats.refreshes += 1
 
-    async def _refresh(self, current: Entry, request: ChatRequest, upstream: Upstream) -> None:
+    async def _refresh(
+        self, current: Entry, request: ChatRequest, upstream: Upstream, policy: CachePolicy | None
+    ) -> None:
         # Across processes this is one more flight: the first process takes the
         # lease (the entry in Redis, no newer than ``current``, does not count as
         # an answer) and the others wait for its answer, so the fleet makes one
         # upstream call per refresh.
         try:
             # The new answer gets the windows and tags the entry had, whatever
-            # the caller whose read started the refresh asked for its own.
+            # the caller whose read started the refresh asked for its own, and
+            # that caller's policy.
             control = CacheControl(
                 ttl=current.fresh_until - current.created_at,
                 stale_ttl=max(0.0, current.expires_at - current.fresh_until),
                 tags=current.tags,
+                policy=policy,
             )
             coordinator = self._coordinator
             if coordinator is None or self._redis is None or self._redis.version is None:

@@ -32,6 +32,9 @@ _COUNTERS = {
     "redis_errors": "Redis operations that failed",
     "corrupt_entries": "Entries in Redis that were not valid and were dropped",
     "stores": "Answers stored",
+    "cached_refused": "Cached answers not served: the request's policy would not store them",
+    "samples_filled": "Calls answered by the model to fill a sample bucket",
+    "samples_served": "Calls served one answer of a full sample bucket",
     "invalidations": "Invalidations made by this process",
     "tokens_saved_prompt": "Prompt tokens not sent to the model",
     "tokens_saved_completion": "Completion tokens not paid for",
@@ -57,6 +60,14 @@ class CacheCollector:
         for source, name in _HITS.items():
             hits.add_metric([namespace, source], snapshot.get(name, 0))
         yield hits
+        not_stored = CounterMetricFamily(
+            "aiollmcache_not_stored",
+            "Answers from the model the cache policy kept out of the cache, by reason",
+            labels=["namespace", "reason"],
+        )
+        for reason, count in snapshot.get("not_stored", {}).items():
+            not_stored.add_metric([namespace, reason], count)
+        yield not_stored
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(f"aiollmcache_{name}", help_text, labels=["namespace"])
             family.add_metric([namespace], snapshot.get(name, 0))

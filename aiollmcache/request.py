@@ -67,12 +67,14 @@ class ChatRequest:
     """A validated chat request.
 
     ``params`` is what is sent upstream (model and messages included); ``key``
-    is the hex digest of the canonical form.
+    is the hex digest of the canonical form, or of one sample of it when
+    ``sampled`` (an answer of a sample bucket: kept out of the semantic tier).
     """
 
     model: str
     params: dict[str, Any]
     key: str
+    sampled: bool = False
 
 
 def _is_model(value: object) -> bool:

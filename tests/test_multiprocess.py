@@ -213,3 +213,47 @@ async def test_three_processes_on_a_stale_key_refresh_it_once(
     assert sum(rep["stats"]["lease_held"] for rep in reports) == 1
     refreshed = await make_cache(memory_max_entries=0).complete(user("stale everywhere"))
     assert refreshed.response.id != first.response.id  # the fleet's one refresh, stored
+
+
+async def test_an_answer_the_policy_refuses_reaches_every_process_from_one_call(
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
+) -> None:
+    fake.latency = 0.5
+    options = ("--callers", "50", "--max-tokens", "2", "--wait-go")
+    workers = [
+        await Worker.start(redis_server, fake, namespace, "cut everywhere", *options) for _ in range(3)
+    ]
+    for worker in workers:
+        worker.go()
+    reports = [await w.result() for w in workers]
+    results = [r for report in reports for r in report["results"]]
+    assert not [r for r in results if "error" in r]
+    assert fake.calls("cut everywhere") == 1
+    assert len({r["id"] for r in results}) == 1
+    assert {r["finish_reason"] for r in results} == {"length"}
+    # Not stored: handed to the two waiting processes in the lease's release.
+    assert sum(report["stats"]["lease_passed"] for report in reports) == 2
+    assert sum(report["stats"]["not_stored"]["truncated"] for report in reports) == 1
+    r = redis_server.client()
+    try:
+        assert await all_keys(r, f"alc:{namespace}:*:e:*") == []
+    finally:
+        await r.aclose()
+
+
+async def test_processes_fill_a_sample_bucket_with_at_most_k_calls(
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
+) -> None:
+    fake.latency = 0.3
+    options = ("--callers", "40", "--samples", "3", "--temperature", "0.9", "--wait-go")
+    ids: set[str] = set()
+    for _ in range(2):  # two waves of three processes
+        workers = [await Worker.start(redis_server, fake, namespace, "sample me", *options) for _ in range(3)]
+        for worker in workers:
+            worker.go()
+        reports = [await w.result() for w in workers]
+        results = [r for report in reports for r in report["results"]]
+        assert len(results) == 120 and not [r for r in results if "error" in r]
+        ids |= {r["id"] for r in results}
+    assert 1 <= fake.calls("sample me") <= 3
+    assert len(ids) == fake.calls("sample me")  # every answer served is one of the bucket's
