@@ -30,7 +30,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
 
 from ._log import RateLimitedLogger, logger
-from .cache_policy import DEFAULT_POLICY, CachePolicy, sample_key
+from .cache_policy import DEFAULT_POLICY, AnswerKind, CachePolicy, sample_key
 from .crypto import AESGCMSealer
 from .embeddings import Embeddings, OpenAIEmbedder, Vectors
 from .entry import MISSING, Entry, _Missing
@@ -824,7 +824,10 @@ class LLMCache:
     async def _complete(
         self, request: ChatRequest, control: CacheControl | None, upstream: Upstream | None
     ) -> CacheResult:
-        control = self._control(request, control)
+        control = control or _DEFAULT_CONTROL
+        policy = control.policy or self._policy
+        if policy.cacheable is not None:
+            control = self._control(request, control)
         if self._state != _OPEN:
             await self.open()
         if upstream is None:
@@ -833,8 +836,7 @@ class LLMCache:
         if control.no_cache:
             entry = await self._compute(request, control, upstream)
             return self._computed(entry)
-        bucket = (control.policy or self._policy).bucket(request.params)
-        if bucket > 1:
+        if policy.samples > 1 and (bucket := policy.bucket(request.params)) > 1:
             picked = await self._pick_sample(request, control, bucket)
             if isinstance(picked, ChatRequest):
                 request = picked
@@ -1689,7 +1691,13 @@ class LLMCache:
         """What to do with ``entry`` for this request at ``now``. A ``cached``
         entry (read from a tier, not an answer shared by a call in flight) is
         served only if the request's policy would have stored it."""
-        if cached and (control.policy or self._policy).refusal(entry.kind) is not None:
+        # (_kind is set on every entry read or computed here; None only on
+        # one built by hand, which the property then classifies.)
+        if (
+            cached
+            and entry._kind is not AnswerKind.ANSWER
+            and (control.policy or self._policy).refusal(entry.kind)
+        ):
             self._stats.cached_refused += 1
             return _REFUSED
         early_at = entry.early_at

@@ -12,7 +12,12 @@ Encoding (never pickle)::
 
 The header carries the versions of openai and pydantic that validated the
 response before it was written, the request's model and system prompt (what
-invalidation by pattern matches on) and the answer's times and tags. It is
+invalidation by pattern matches on) and the answer's times and tags. An answer
+that is not an ordinary one (truncated, tool calls: see
+:class:`~aiollmcache.cache_policy.AnswerKind`) says so after the versions
+(``"openai X; pydantic Y; kind=truncated"``), so a reader learns it without
+scanning the body; a reader that does not know the suffix takes it for other
+versions and validates the response, nothing worse. It is
 never compressed, so it can be read from the first bytes of a value without
 the rest (:func:`read_header`, and the hot-key script in Redis).
 
@@ -69,6 +74,8 @@ _HEADER_FIELDS: Final = 11
 # The versions that validated a response when it was written; an entry written
 # under the same ones needs no validation to be read back.
 _ENVIRONMENT: Final = f"openai {openai.__version__}; pydantic {pydantic.VERSION}"
+_KIND_MARK: Final = "; kind="
+_KINDS: Final = {kind.value: kind for kind in AnswerKind}
 _NUMBER: Final = (int, float)
 
 
@@ -134,6 +141,7 @@ class Entry:
         tags: tuple[str, ...] = (),
         system: str = "",
         response: ChatCompletion | None = None,
+        kind: AnswerKind | None = None,
     ) -> None:
         self.key = key
         self.raw = raw
@@ -153,7 +161,7 @@ class Entry:
         self.early_at: float | None = None
         # How long Redis keeps it, when that was extended past expires_at (hot keys).
         self.slid_until = 0.0
-        self._kind: AnswerKind | None = None
+        self._kind = kind
         # Why the cache policy keeps this answer out of the cache (None: it may
         # be stored). Set on answers from the model; an entry read back was stored.
         self.refused: str | None = None
@@ -220,9 +228,10 @@ def encode_entry(
     ``compress_above`` bytes. With a ``sealer`` the body and the system prompt
     are encrypted (see :mod:`aiollmcache.crypto`), bound to the format, the
     flags, the header and ``context`` (where the entry is stored)."""
+    kind = entry.kind
     header = orjson.dumps(
         [
-            _ENVIRONMENT,
+            _ENVIRONMENT if kind is AnswerKind.ANSWER else f"{_ENVIRONMENT}{_KIND_MARK}{kind.value}",
             entry.key,
             entry.created_at,
             entry.fresh_until,
@@ -343,6 +352,11 @@ def decode_entry(
     if len(raw) > max_bytes:
         raise CorruptEntryError(f"response larger than {max_bytes} bytes")
     response = None
+    kind = AnswerKind.ANSWER
+    if env != _ENVIRONMENT:
+        base, mark, name = env.rpartition(_KIND_MARK)
+        if mark and name in _KINDS:
+            env, kind = base, _KINDS[name]
     if env != _ENVIRONMENT:
         # Written by other versions of openai or pydantic: validate now, not on
         # first use, so an entry this process cannot read is a miss.
@@ -363,6 +377,7 @@ def decode_entry(
         tags=tuple(tags),
         system=system,
         response=response,
+        kind=kind,
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 from openai.types.chat import ChatCompletion
 
 from aiollmcache import CorruptEntryError, Entry
+from aiollmcache.cache_policy import AnswerKind
 from aiollmcache.entry import (
     _ENVIRONMENT,
     FORMAT_VERSION,
@@ -184,3 +185,29 @@ def test_header_reads_from_the_first_bytes(content: str) -> None:
 def test_header_of_foreign_bytes_is_corrupt(prefix: bytes) -> None:
     with pytest.raises(CorruptEntryError):
         read_header(prefix)
+
+
+def test_the_kind_of_answer_travels_in_the_header() -> None:
+    body = orjson.loads(completion("Hel"))
+    body["choices"][0]["finish_reason"] = "length"
+    raw = orjson.dumps(body)
+    cut = Entry(
+        key=KEY,
+        response=ChatCompletion.model_validate_json(raw),
+        raw=raw,
+        created_at=1000.0,
+        fresh_until=2000.0,
+        expires_at=3000.0,
+        compute_ms=1.0,
+        model="m",
+        prompt_tokens=3,
+        completion_tokens=5,
+    )
+    decoded = decode_entry(encode_entry(cut, compress_above=8192), KEY, max_bytes=1 << 20)
+    assert decoded.kind is AnswerKind.TRUNCATED
+    assert decoded._response is None  # the suffix is not taken for other versions
+    # An ordinary answer's header is what it always was: no suffix.
+    plain = decode_entry(VALID, KEY, max_bytes=1 << 20)
+    assert plain.kind is AnswerKind.ANSWER
+    header_end = HEADER_PREFIX_BYTES + struct.unpack_from(">I", VALID, 5)[0]
+    assert orjson.loads(VALID[HEADER_PREFIX_BYTES:header_end])[0] == _ENVIRONMENT
