@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ._table import format_table
+from .cache_policy import CachePolicy
 from .client import CacheResult, LLMCache, Source
-from .errors import AiollmcacheError, InvalidRequestError
+from .errors import AiollmcacheError, ConfigurationError, InvalidRequestError
 from .invalidation import Pattern
 
 __all__ = ["main"]
@@ -194,6 +195,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not os.environ.get("OPENAI_API_KEY") and not args.pass_api_key:
         print("aiollmcache serve: set OPENAI_API_KEY (or pass --pass-api-key)", file=sys.stderr)
         return 1
+    try:
+        policy = CachePolicy(
+            store_truncated=args.store_truncated, tool_calls=not args.no_tool_calls, samples=args.samples
+        )
+    except ConfigurationError as exc:
+        print(f"aiollmcache serve: {exc}", file=sys.stderr)
+        return 2
 
     async def run() -> None:
         api_key = os.environ.get("OPENAI_API_KEY") or "unset"
@@ -201,7 +209,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         def build(namespace: str) -> LLMCache:
             return LLMCache(
-                redis_url=args.redis_url, openai=client, model=args.model, namespace=namespace, ttl=args.ttl
+                redis_url=args.redis_url,
+                openai=client,
+                model=args.model,
+                namespace=namespace,
+                ttl=args.ttl,
+                policy=policy,
             )
 
         others: dict[str, LLMCache] = {}
@@ -401,6 +414,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument("--model", default=None, help="model for requests that name none")
     serve.add_argument("--ttl", type=float, default=3600.0)
+    serve.add_argument(
+        "--store-truncated", action="store_true", help="store answers cut at max_tokens (default: not)"
+    )
+    serve.add_argument(
+        "--no-tool-calls", action="store_true", help="never store answers that ask for tool calls"
+    )
+    serve.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="answers kept per key for requests that sample (temperature > 0, no seed), served at random",
+    )
     serve.add_argument(
         "--admin-token",
         default=os.environ.get("AIOLLMCACHE_ADMIN_TOKEN"),

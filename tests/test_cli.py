@@ -91,7 +91,7 @@ def test_serve_and_stats_in_real_processes(redis_server: AnyRedis, namespace: st
         argv = [
             sys.executable, "-m", "aiollmcache", "serve", "--port", str(port),
             "--redis-url", redis_server.url, "--namespace", namespace,
-            "--upstream-base-url", fake.base_url, "--admin-token", "tok",
+            "--upstream-base-url", fake.base_url, "--admin-token", "tok", "--store-truncated",
         ]  # fmt: skip
         proxy = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
         try:
@@ -111,11 +111,18 @@ def test_serve_and_stats_in_real_processes(redis_server: AnyRedis, namespace: st
                 )
                 assert answer.choices[0].message.content == "Answer to: q"
             assert fake.calls("q") == 1
+            for _ in range(2):  # --store-truncated: a cut answer is stored too
+                cut = client.chat.completions.create(
+                    model="test-model", messages=[{"role": "user", "content": "cut"}], max_tokens=1
+                )
+                assert cut.choices[0].finish_reason == "length"
+            assert fake.calls("cut") == 1
             stats = [sys.executable, "-m", "aiollmcache", "stats", "--url", url, "--admin-token", "tok"]
             table = subprocess.run(stats, capture_output=True, text=True, check=True).stdout
-            assert re.search(r"hits, memory\s+2\b", table) and re.search(r"model calls\s+1\b", table)
+            assert re.search(r"hits, memory\s+3\b", table) and re.search(r"model calls\s+2\b", table)
+            assert re.search(r"stored\s+2\b", table)
             raw = subprocess.run([*stats, "--json"], capture_output=True, text=True, check=True).stdout
-            assert json.loads(raw)["hits_memory"] == 2
+            assert json.loads(raw)["hits_memory"] == 3
             refused = subprocess.run(stats[:-2], capture_output=True, text=True)
             assert refused.returncode == 1 and "401" in refused.stderr
             client.close()
@@ -134,3 +141,11 @@ def test_bench_runs_a_benchmark_and_passes_its_options(
     assert "memory hit" in capfd.readouterr().out
     assert out.exists()
     assert main(["bench", "hits", "--", "--no-such-option"]) != 0
+
+
+def test_serve_refuses_a_bad_policy(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    assert main(["serve", "--samples", "99"]) == 2
+    assert "CachePolicy.samples" in capsys.readouterr().err
