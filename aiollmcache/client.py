@@ -939,9 +939,7 @@ class LLMCache:
                     found[i] = (cached, Source.MEMORY, decision)
         missing = [i for i in range(size) if i not in found]
         if missing and self._redis is not None:
-            reads = await asyncio.gather(
-                *(self._redis_get(keys[i], control, now, count=False) for i in missing)
-            )
+            reads = await self._redis_get_many([keys[i] for i in missing], control, now)
             for i, read in zip(missing, reads, strict=True):
                 if read is not None:
                     found[i] = (read[0], Source.REDIS, read[1])
@@ -996,11 +994,8 @@ class LLMCache:
             entry, source, now, decision, (request, upstream, control.policy), coalesced=remote
         )
 
-    async def _redis_get(
-        self, key: str, control: CacheControl, now: float, *, count: bool = True
-    ) -> tuple[Entry, Decision] | None:
-        """The entry in Redis if it may be served, with what to do about it
-        (counted as a hit unless ``count`` is False)."""
+    async def _redis_get(self, key: str, control: CacheControl, now: float) -> tuple[Entry, Decision] | None:
+        """The entry in Redis if it may be served, with what to do about it."""
         tier = self._redis
         if tier is None:
             return None
@@ -1015,10 +1010,40 @@ class LLMCache:
         decision = self._decide(entry, now, control)
         if not decision.servable:
             return None
-        if count:
-            self._stats.hits_redis += 1
+        self._stats.hits_redis += 1
         self._remember(entry, now, epoch)
         return entry, decision
+
+    async def _redis_get_many(
+        self, keys: list[str], control: CacheControl, now: float
+    ) -> list[tuple[Entry, Decision] | None]:
+        """:meth:`_redis_get` of several keys in one round trip (not counted as hits)."""
+        tier = self._redis
+        assert tier is not None
+        epoch = self._epoch
+        if tier.version is None:
+            await self._load_version()
+            if tier.version is None:
+                return [None] * len(keys)
+        try:
+            entries = await tier.get_many(keys)
+        except TierUnavailableError as exc:
+            self._stats.redis_errors += 1
+            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+            return [None] * len(keys)
+        found: list[tuple[Entry, Decision] | None] = []
+        for entry in entries:
+            if isinstance(entry, CorruptEntryError):
+                self._stats.corrupt_entries += 1
+                self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", entry)
+                entry = MISSING
+            decision = None if entry is MISSING else self._decide(entry, now, control)
+            if entry is MISSING or decision is None or not decision.servable:
+                found.append(None)
+                continue
+            self._remember(entry, now, epoch)
+            found.append((entry, decision))
+        return found
 
     async def _read_tier(self, tier: RedisTier, key: str) -> Entry | _Missing | None:
         """The entry at ``key`` in Redis; MISSING if there is none or it was

@@ -13,6 +13,9 @@ Rows, measured interleaved in one run on one Redis and one connection pool:
   ``result.text``.
 - ``complete(), memory hit, stale``: the same for an entry past its fresh
   window, whose refresh is in flight (as for every stale hit but the first).
+- ``..., bucket of 4``: a sampled request (``temperature=0.9``) under
+  ``CachePolicy(samples=4)``, its bucket full: the four answers are read (in
+  one round trip from Redis) and one is served at random.
 
 Also, for reference, raw GET through redis-py's default (non-blocking) pool.
 
@@ -33,7 +36,7 @@ import orjson
 import redis.asyncio as aioredis
 from _common import print_table, summarize, write_json
 
-from aiollmcache import LLMCache
+from aiollmcache import CachePolicy, LLMCache
 from aiollmcache.testing import RedisServer, chat_completion
 from aiollmcache.tiers.redis import connect
 
@@ -84,12 +87,24 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
     redis_cache = LLMCache(
         redis=client, upstream=upstream, model="gpt-4o-mini", namespace="bench", memory_max_entries=0
     )
+    bucket = CachePolicy(samples=4)
+    redis_bucket = LLMCache(
+        redis=client,
+        upstream=upstream,
+        model="gpt-4o-mini",
+        namespace="bench-bucket",
+        memory_max_entries=0,
+        policy=bucket,
+    )
+    memory_bucket = LLMCache(upstream=upstream, model="gpt-4o-mini", xfetch_beta=0, policy=bucket)
     samples: dict[str, list[int]] = {
         "raw GET + orjson.loads": [],
         "complete(), Redis hit": [],
         "complete(), Redis hit, .response": [],
+        "complete(), Redis hit, bucket of 4": [],
         "complete(), memory hit": [],
         "complete(), memory hit, stale": [],
+        "complete(), memory hit, bucket of 4": [],
         "raw GET + orjson.loads (default pool)": [],
     }
     clock = time.perf_counter_ns
@@ -99,6 +114,9 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         first = await redis_cache.complete(MESSAGES)
         assert first.source == "redis", first.source
         assert (await memory_cache.complete(MESSAGES)).source == "memory"
+        for sampled in (redis_bucket, memory_bucket):
+            for _ in range(4):  # fill the bucket
+                await sampled.complete(MESSAGES, temperature=0.9)
         warmup = max(200, iterations // 10)
 
         async def raw_get() -> None:
@@ -112,6 +130,10 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             result = await redis_cache.complete(MESSAGES)
             assert result.response.choices  # the whole ChatCompletion, built on first access
 
+        async def redis_bucket_hit() -> None:
+            result = await redis_bucket.complete(MESSAGES, temperature=0.9)
+            assert result.text
+
         async def raw_get_default_pool() -> None:
             orjson.loads(await default_pool.get(raw_key))
 
@@ -119,6 +141,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             ("raw GET + orjson.loads", raw_get),
             ("complete(), Redis hit", redis_hit),
             ("complete(), Redis hit, .response", redis_hit_response),
+            ("complete(), Redis hit, bucket of 4", redis_bucket_hit),
             ("raw GET + orjson.loads (default pool)", raw_get_default_pool),
         ]
         # Redis paths interleaved call by call, so machine noise hits them
@@ -140,6 +163,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         # Fresh and stale memory hits alternate, in a block of their own.
         memory_samples = samples["complete(), memory hit"]
         stale_samples = samples["complete(), memory hit, stale"]
+        bucket_samples = samples["complete(), memory hit, bucket of 4"]
         for i in range(warmup + iterations * 5):
             t0 = clock()
             m = await memory_cache.complete(MESSAGES)
@@ -148,14 +172,22 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             s = await stale_cache.complete(MESSAGES)
             assert s.text
             t2 = clock()
+            b = await memory_bucket.complete(MESSAGES, temperature=0.9)
+            assert b.text
+            t3 = clock()
             if i >= warmup:
                 memory_samples.append(t1 - t0)
                 stale_samples.append(t2 - t1)
+                bucket_samples.append(t3 - t2)
         assert m.source == "memory" and not m.stale
         assert s.source == "memory" and s.stale
         stats = redis_cache.stats()
         assert stats["upstream_calls"] == 1 and stats["hits_redis"] >= iterations
+        for sampled in (redis_bucket, memory_bucket):
+            assert sampled.stats()["upstream_calls"] == 4 and b.source == "memory"
     finally:
+        await redis_bucket.aclose()
+        await memory_bucket.aclose()
         await memory_cache.aclose()
         await redis_cache.aclose()
         await stale_cache.aclose()

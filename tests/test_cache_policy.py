@@ -372,3 +372,27 @@ async def test_an_answer_not_stored_still_reaches_the_callers_waiting_in_other_c
     assert sum(c.stats()["lease_passed"] for c in caches) == 2
     # Not stored anywhere: the next call asks the model again.
     assert (await caches[1].complete(user("shared but cut"), max_tokens=2)).source == "upstream"
+
+
+async def test_a_corrupt_answer_in_a_bucket_is_dropped_and_filled_again(
+    make_cache: Callable[..., LLMCache],
+    sampler: FakeOpenAI,
+    sampler_client: AsyncOpenAI,
+    redis_server: AnyRedis,
+    namespace: str,
+) -> None:
+    cache = make_cache(openai=sampler_client, policy=CachePolicy(samples=3), memory_max_entries=0)
+    for _ in range(3):
+        await cache.complete(user("spoiled"), temperature=0.9)
+    stored = await entries(redis_server, namespace)
+    assert len(stored) == 3
+    r = redis_server.client()
+    try:
+        await r.set(stored[0], b"not an entry")
+    finally:
+        await r.aclose()
+    results = [await cache.complete(user("spoiled"), temperature=0.9) for _ in range(10)]
+    assert cache.stats()["corrupt_entries"] == 1
+    assert sampler.calls("spoiled") == 4  # the spoiled answer, asked again once
+    assert "not an entry" not in {r.text for r in results}
+    assert len(await entries(redis_server, namespace)) == 3

@@ -1051,6 +1051,35 @@ class RedisTier:
             raise CorruptEntryError("redis returned text, not bytes")
         return await self._decode(key, rkey, blob)
 
+    async def get_many(self, keys: list[str]) -> list[Entry | _Missing | CorruptEntryError]:
+        """The entries at ``keys``, in one round trip on a single Redis (one
+        MGET); a corrupt one (dropped, as by :meth:`get`) as its error. With
+        hot keys, which count every read, or on a cluster, whose keys are in
+        many slots, the reads are concurrent :meth:`get` calls, batched as
+        usual."""
+        if self._hot is not None or self._cluster or len(keys) == 1:
+            results = await asyncio.gather(*(self.get(key) for key in keys), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, CorruptEntryError):
+                    raise result
+            return cast(list[Entry | _Missing | CorruptEntryError], results)
+        rkeys = [self.entry_key(key) for key in keys]
+        # MGET answers nil for a key of another type: a miss here, found
+        # foreign by the plain read that follows a miss.
+        blobs = await self._call("MGET", self._client.mget(rkeys), rkeys[0])
+        found: list[Entry | _Missing | CorruptEntryError] = []
+        for key, rkey, blob in zip(keys, rkeys, blobs, strict=True):
+            if blob is None:
+                found.append(MISSING)
+                continue
+            try:
+                if not isinstance(blob, bytes):
+                    raise CorruptEntryError("redis returned text, not bytes")
+                found.append(await self._decode(key, rkey, blob))
+            except CorruptEntryError as exc:
+                found.append(exc)
+        return found
+
     async def _batched(
         self, batches: _Batches, keys: tuple[str, ...], alone: Callable[[], Awaitable[Any]]
     ) -> Any:
