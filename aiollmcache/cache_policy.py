@@ -38,6 +38,7 @@ the model, and once it is full each call is served one of the K at random.
 from __future__ import annotations
 
 import enum
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -200,8 +201,28 @@ class CachePolicy:
             )
         for name in ("cacheable", "should_store"):
             value = getattr(self, name)
-            if value is not None and not callable(value):
+            if value is None:
+                continue
+            if not callable(value):
                 raise ConfigurationError(f"CachePolicy.{name}: expected a callable, got {value!r}")
+            if inspect.iscoroutinefunction(value) or inspect.iscoroutinefunction(
+                getattr(value, "__call__", None)  # noqa: B004 - an object's async __call__
+            ):
+                raise ConfigurationError(
+                    f"CachePolicy.{name}: must be a plain function returning a bool, not an async one"
+                )
+
+    @staticmethod
+    def verdict(value: object, name: str) -> bool:
+        """A predicate's answer as a bool; an awaitable (an async predicate
+        that got past the check) is an error, not a yes."""
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            raise ConfigurationError(
+                f"CachePolicy.{name} returned an awaitable: it must be a plain function returning a bool"
+            )
+        return bool(value)
 
     def refusal(self, kind: AnswerKind) -> str | None:
         """Why an answer of ``kind`` is not stored (nor served), or None."""

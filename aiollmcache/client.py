@@ -149,7 +149,9 @@ class CacheControl:
     def __post_init__(self) -> None:
         bad = InvalidRequestError
         if self.policy is not None and not isinstance(self.policy, CachePolicy):
-            raise InvalidRequestError(f"CacheControl.policy: expected a CachePolicy, got {self.policy!r}")
+            raise InvalidRequestError(
+                f"CacheControl.policy: expected a CachePolicy, got {type(self.policy).__name__}"
+            )
         object.__setattr__(self, "ttl", _seconds(self.ttl, "CacheControl.ttl", positive=True, error=bad))
         object.__setattr__(self, "max_age", _seconds(self.max_age, "CacheControl.max_age", error=bad))
         object.__setattr__(self, "stale_ttl", _seconds(self.stale_ttl, "CacheControl.stale_ttl", error=bad))
@@ -172,6 +174,7 @@ _REFUSED: Final = Decision(State.EXPIRED, refresh=False)
 # A stream copied to Redis is kept this long after its end, for followers
 # in other processes still reading it.
 _STREAM_KEPT_MS: Final = 30_000
+_REFUSED_REFRESHES_KEPT: Final = 4096
 _STOPPED_ELSEWHERE: Final = "the process streaming this answer stopped before its end"
 _T = TypeVar("_T")
 
@@ -414,6 +417,9 @@ class LLMCache:
         self._seed = self._rng.getrandbits(64)
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
         self._refreshing: dict[str, asyncio.Task[None]] = {}
+        # Entries whose refresh the policy refused (key -> created_at): not
+        # refreshed again. Bounded: the oldest are forgotten first.
+        self._refresh_refused: dict[str, float] = {}
         self._version_retry_at = 0.0
         self._sync_interval = _seconds(sync_interval, "sync_interval", positive=True) or 0.0
         self._epoch = 0  # bumped by every invalidation applied here
@@ -915,7 +921,9 @@ class LLMCache:
         """The request's settings, with its policy's ``cacheable`` predicate applied."""
         control = control or _DEFAULT_CONTROL
         cacheable = (control.policy or self._policy).cacheable
-        if cacheable is not None and not cacheable(MappingProxyType(request.params)):
+        if cacheable is not None and not CachePolicy.verdict(
+            cacheable(MappingProxyType(request.params)), "cacheable"
+        ):
             return replace(control, no_cache=True, no_store=True, policy=_UNCACHEABLE)
         return control
 
@@ -1099,7 +1107,7 @@ class LLMCache:
                 # this key is already asking the model, and its answer will do.
                 await asyncio.shield(refreshing)
                 found = self._memory.get(request.key)
-                if found is not MISSING and self._decide(found, time.time(), control).servable:
+                if found is not MISSING and self._decide(found, time.time(), control, count=False).servable:
                     return found, Source.UPSTREAM, False, None
             return await self._compute(request, control, upstream), Source.UPSTREAM, False, None
 
@@ -1111,7 +1119,7 @@ class LLMCache:
                 request.key,
                 compute,
                 self._encode_for_redis,
-                lambda found: self._decide(found, time.time(), control).servable,
+                lambda found: self._decide(found, time.time(), control, count=False).servable,
             )
         except TierUnavailableError as exc:
             # Raised only before this process called upstream: go on without Redis.
@@ -1191,7 +1199,9 @@ class LLMCache:
         refused = policy.refusal(entry.kind)
         if refused is None and policy.should_store is not None:
             try:
-                keep = policy.should_store(MappingProxyType(request.params), entry.response)
+                keep = CachePolicy.verdict(
+                    policy.should_store(MappingProxyType(request.params), entry.response), "should_store"
+                )
             except Exception as exc:
                 self._log.warning(
                     "should_store", "should_store raised, answer not stored: %s: %s", type(exc).__name__, exc
@@ -1267,8 +1277,11 @@ class LLMCache:
         options = request.params.get("stream_options")
         include_usage = isinstance(options, Mapping) and bool(options.get("include_usage"))
 
+        # The cacheable predicate now: its error (or verdict) before any I/O.
+        settings = self._control(request, control)
+
         async def opener() -> tuple[Any, Source, bool, ChunkLog | None]:
-            return await self._open_stream(request, self._control(request, control), upstream, include_usage)
+            return await self._open_stream(request, settings, upstream, include_usage)
 
         return CachedStream(request.key, opener)
 
@@ -1472,7 +1485,7 @@ class LLMCache:
                 log.entry = entry
                 return
             if isinstance(state, Entry):
-                if not log.chunks and self._decide(state, time.time(), control).servable:
+                if not log.chunks and self._decide(state, time.time(), control, count=False).servable:
                     self._stats.hits_redis += 1
                     log.source = Source.REDIS
                     for data in replay(state.response, include_usage=True):
@@ -1712,10 +1725,13 @@ class LLMCache:
         until = entry.fresh_until if self._hot_sliding else entry.expires_at
         self._memory.set(entry.key, entry, ttl=until - now, size=size)
 
-    def _decide(self, entry: Entry, now: float, control: CacheControl, *, cached: bool = True) -> Decision:
+    def _decide(
+        self, entry: Entry, now: float, control: CacheControl, *, cached: bool = True, count: bool = True
+    ) -> Decision:
         """What to do with ``entry`` for this request at ``now``. A ``cached``
         entry (read from a tier, not an answer shared by a call in flight) is
-        served only if the request's policy would have stored it."""
+        served only if the request's policy would have stored it (a refusal
+        counted unless ``count`` is False: the same call saw it already)."""
         # (_kind is set on every entry read or computed here; None only on
         # one built by hand, which the property then classifies.)
         if (
@@ -1723,7 +1739,8 @@ class LLMCache:
             and entry._kind is not AnswerKind.ANSWER
             and (control.policy or self._policy).refusal(entry.kind)
         ):
-            self._stats.cached_refused += 1
+            if count:
+                self._stats.cached_refused += 1
             return _REFUSED
         early_at = entry.early_at
         if early_at is None:
@@ -1777,6 +1794,8 @@ class LLMCache:
         key = entry.key
         if key in self._refreshing or self._state != _OPEN:
             return
+        if self._refresh_refused and self._refresh_refused.get(key) == entry.created_at:
+            return
         if len(self._refreshing) >= self._max_refreshes:
             self._stats.refreshes_skipped += 1
             return
@@ -1800,34 +1819,46 @@ class LLMCache:
                 tags=current.tags,
                 policy=policy,
             )
-            coordinator = self._coordinator
-            if coordinator is None or self._redis is None or self._redis.version is None:
-                await self._compute(request, control, upstream)
-                return
-
-            async def compute() -> Entry:
-                return await self._call_upstream(request, control, upstream)
-
-            def newer(found: Entry) -> bool:
-                return found.created_at > current.created_at
-
-            epoch = self._epoch
-            try:
-                entry, origin = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
-            except TierUnavailableError:
-                # Raised only before the model was asked: refresh without Redis.
-                self._stats.redis_errors += 1
-                await self._compute(request, control, upstream)
-                return
-            self._remember(entry, time.time(), epoch)
-            if origin == "computed":
-                await self._index_answer(request, control, entry)
+            entry = await self._refreshed(current, request, control, upstream)
+            if entry.refused is not None:
+                # The policy refused the new answer: the stale one is served
+                # until it expires, and not refreshed again by this process (a
+                # model call per stale read otherwise).
+                refused = self._refresh_refused
+                refused[current.key] = current.created_at
+                if len(refused) > _REFUSED_REFRESHES_KEPT:
+                    del refused[next(iter(refused))]
         except Exception as exc:
             # The stale answer goes on being served until it expires.
             self._stats.refresh_errors += 1
             self._log.warning("refresh", "background refresh failed: %s: %s", type(exc).__name__, exc)
         finally:
             self._refreshing.pop(current.key, None)
+
+    async def _refreshed(
+        self, current: Entry, request: ChatRequest, control: CacheControl, upstream: Upstream
+    ) -> Entry:
+        coordinator = self._coordinator
+        if coordinator is None or self._redis is None or self._redis.version is None:
+            return await self._compute(request, control, upstream)
+
+        async def compute() -> Entry:
+            return await self._call_upstream(request, control, upstream)
+
+        def newer(found: Entry) -> bool:
+            return found.created_at > current.created_at
+
+        epoch = self._epoch
+        try:
+            entry, origin = await coordinator.run(request.key, compute, self._encode_for_redis, newer)
+        except TierUnavailableError:
+            # Raised only before the model was asked: refresh without Redis.
+            self._stats.redis_errors += 1
+            return await self._compute(request, control, upstream)
+        self._remember(entry, time.time(), epoch)
+        if origin == "computed":
+            await self._index_answer(request, control, entry)
+        return entry
 
     @staticmethod
     def _computed(entry: Entry) -> CacheResult:

@@ -6,13 +6,15 @@ from typing import TYPE_CHECKING, Any
 
 from openai.types.chat import ChatCompletion
 
+from .client import CacheControl
+from .errors import InvalidRequestError
 from .request import build_chat_request
 from .upstream import OpenAIUpstream
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
 
-    from .client import CacheControl, LLMCache
+    from .client import LLMCache
 
 __all__ = ["CachedOpenAI"]
 
@@ -33,6 +35,8 @@ class _Completions:
         :class:`~aiollmcache.streaming.CachedStream` of ``ChatCompletionChunk``
         that iterates and closes as the SDK's ``AsyncStream`` does.
         """
+        if cache is not None and not isinstance(cache, CacheControl):
+            raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
         messages = kwargs.pop("messages", None)
         streaming = bool(kwargs.pop("stream", False))
         request = build_chat_request(

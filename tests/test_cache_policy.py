@@ -14,7 +14,13 @@ import pytest_asyncio
 from openai import AsyncOpenAI, BadRequestError
 from openai.types.chat import ChatCompletion
 
-from aiollmcache import CacheControl, CachePolicy, LLMCache
+from aiollmcache import (
+    CacheControl,
+    CachePolicy,
+    ConfigurationError,
+    InvalidRequestError,
+    LLMCache,
+)
 from aiollmcache.testing import FakeOpenAI, chat_completion, last_user_text
 
 from .conftest import MODEL, AnyRedis, all_keys, user
@@ -396,3 +402,63 @@ async def test_a_corrupt_answer_in_a_bucket_is_dropped_and_filled_again(
     assert sampler.calls("spoiled") == 4  # the spoiled answer, asked again once
     assert "not an entry" not in {r.text for r in results}
     assert len(await entries(redis_server, namespace)) == 3
+
+
+async def test_predicate_errors_reach_the_caller_before_any_io(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    def cacheable(request: Mapping[str, Any]) -> bool:
+        raise KeyError("tools")
+
+    async def later(request: Mapping[str, Any]) -> bool:
+        return False
+
+    cache = make_cache(policy=CachePolicy(cacheable=cacheable))
+    with pytest.raises(KeyError):
+        await cache.complete(user("predicate bug"))
+    with pytest.raises(KeyError):
+        cache.stream(user("predicate bug"))  # at the call, not at the first chunk
+    with pytest.raises(KeyError):
+        await cache.wrap(fake.client()).chat.completions.create(messages=user("predicate bug"))
+    # A plain function that hands back a coroutine: an error, not a yes.
+    sneaky = make_cache(policy=CachePolicy(cacheable=lambda request: later(request)))
+    with pytest.raises(ConfigurationError, match="awaitable"):
+        await sneaky.complete(user("predicate bug"))
+    assert fake.calls("predicate bug") == 0
+    with pytest.raises(InvalidRequestError, match="expected a CacheControl"):
+        await cache.wrap(fake.client()).chat.completions.create(
+            messages=user("predicate bug"),
+            cache={"no_store": True},  # type: ignore[arg-type]
+        )
+
+
+async def test_a_refused_answer_in_the_cache_is_counted_once_per_call(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    await make_cache(policy=CachePolicy(store_truncated=True)).complete(user("count me"), max_tokens=1)
+    strict = make_cache()
+    await strict.complete(user("count me"), max_tokens=1)
+    assert strict.stats()["cached_refused"] == 1
+    s = strict.stream(user("count me"), max_tokens=1)
+    async for _ in s:
+        pass
+    assert strict.stats()["cached_refused"] == 2
+
+
+async def test_a_refresh_the_policy_refuses_is_not_tried_again(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    verdicts = iter([True])
+
+    def should_store(request: Mapping[str, Any], response: ChatCompletion) -> bool:
+        return next(verdicts, False)  # the first answer only
+
+    cache = make_cache(ttl=0.3, stale_ttl=30, xfetch_beta=0, policy=CachePolicy(should_store=should_store))
+    first = await cache.complete(user("refresh refused"))
+    await asyncio.sleep(0.35)  # past the fresh window: the passing of time is under test
+    for _ in range(5):
+        stale = await cache.complete(user("refresh refused"))
+        assert stale.stale and stale.response.id == first.response.id
+        await asyncio.gather(*cache._tasks)  # the background refresh, if one started
+    assert fake.calls("refresh refused") == 2  # the answer, and one refresh
+    assert cache.stats()["not_stored"]["should_store"] == 1

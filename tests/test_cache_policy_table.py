@@ -124,3 +124,22 @@ def test_sample_keys_are_cache_keys_of_their_own() -> None:
     keys = [sample_key(key, i) for i in range(16)]
     assert keys[0] == key and len(set(keys)) == 16
     assert all(len(k) == 32 and int(k, 16) >= 0 for k in keys)
+
+
+def test_async_predicates_are_refused() -> None:
+    async def cacheable(request: Mapping[str, Any]) -> bool:
+        return False
+
+    class Checker:
+        async def __call__(self, request: Mapping[str, Any], response: ChatCompletion) -> bool:
+            return False
+
+    with pytest.raises(ConfigurationError, match="not an async one"):
+        CachePolicy(cacheable=cacheable)
+    with pytest.raises(ConfigurationError, match="not an async one"):
+        CachePolicy(should_store=Checker())
+    assert CachePolicy.verdict(0, "cacheable") is False
+    coroutine = cacheable({})
+    with pytest.raises(ConfigurationError, match="returned an awaitable"):
+        CachePolicy.verdict(coroutine, "cacheable")
+    assert coroutine.cr_frame is None  # closed: no "never awaited" warning
