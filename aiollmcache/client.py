@@ -417,9 +417,9 @@ class LLMCache:
         self._seed = self._rng.getrandbits(64)
         self._max_refreshes = _count(max_refreshes, "max_refreshes")
         self._refreshing: dict[str, asyncio.Task[None]] = {}
-        # Entries whose refresh the policy refused (key -> created_at): not
-        # refreshed again. Bounded: the oldest are forgotten first.
-        self._refresh_refused: dict[str, float] = {}
+        # Entries whose refresh the policy refused (key -> created_at, and
+        # when to try again). Bounded: the oldest are forgotten first.
+        self._refresh_refused: dict[str, tuple[float, float]] = {}
         self._version_retry_at = 0.0
         self._sync_interval = _seconds(sync_interval, "sync_interval", positive=True) or 0.0
         self._epoch = 0  # bumped by every invalidation applied here
@@ -961,7 +961,6 @@ class LLMCache:
                 self._stats.hits_redis += 1
             self._stats.samples_served += 1
             return entry, source, now, decision, ChatRequest(request.model, request.params, keys[index], True)
-        self._stats.samples_filled += 1
         idle = [i for i in missing if self._flights.get(keys[i]) is None and keys[i] not in self._streams]
         index = self._rng.choice(idle or missing)
         return ChatRequest(request.model, request.params, keys[index], True)
@@ -1148,6 +1147,7 @@ class LLMCache:
     async def _call_upstream(self, request: ChatRequest, control: CacheControl, upstream: Upstream) -> Entry:
         self._stats.misses += 1
         self._stats.upstream_calls += 1
+        self._stats.samples_filled += request.sampled
         started = time.monotonic()
         try:
             body = await upstream(request.params)
@@ -1294,11 +1294,14 @@ class LLMCache:
             raise ConfigurationError("no upstream: pass openai= or upstream= to LLMCache")
         self._stats.requests += 1
         self._stats.streams += 1
+        read_redis = True
         bucket = 1 if control.no_cache else (control.policy or self._policy).bucket(request.params)
         if bucket > 1:
             picked = await self._pick_sample(request, control, bucket)
             if isinstance(picked, ChatRequest):
-                request = picked
+                # Just seen missing from Redis: not read again, so the stream
+                # is registered before another call picks the same answer.
+                request, read_redis = picked, False
             else:
                 entry, source, now, decision, member = picked
                 self._serve(
@@ -1344,7 +1347,8 @@ class LLMCache:
                     self._serve(entry, source, now, decision, refresh, coalesced=True)
                     return self._replayed(entry, include_usage), source, True, None
                 break
-            found = await self._redis_get(key, control, now)
+            found = await self._redis_get(key, control, now) if read_redis else None
+            read_redis = True
             if found is not None:
                 self._serve(found[0], Source.REDIS, now, found[1], refresh)
                 return self._replayed(found[0], include_usage), Source.REDIS, False, None
@@ -1413,6 +1417,7 @@ class LLMCache:
         the whole answer, once the stream ended with every finish reason."""
         self._stats.misses += 1
         self._stats.upstream_calls += 1
+        self._stats.samples_filled += request.sampled
         started = time.monotonic()
         produce = getattr(upstream, "stream", None)
         try:
@@ -1584,12 +1589,20 @@ class LLMCache:
                     continue
                 if (ended := take(await tier.read_chunks(key, last, None))) is not None:
                     return ended
+                # A holder that did not stream (a complete() call) and whose
+                # answer the policy refused left it for its waiters.
+                passed = None if received else await tier.read_passed(key, owner)
             except TierError as exc:
                 if received:
                     raise StreamInterruptedError(f"lost Redis while following a stream: {exc}") from exc
                 return "retry"
             if received:
                 raise StreamInterruptedError(_STOPPED_ELSEWHERE)
+            if passed is not None:
+                for data in replay(passed.response, include_usage=True):
+                    log.append(ChatCompletionChunk.model_validate(data))
+                log.entry = passed
+                return "done"
             return "retry"
 
     # -- the semantic tier ---------------------------------------------------------
@@ -1794,8 +1807,10 @@ class LLMCache:
         key = entry.key
         if key in self._refreshing or self._state != _OPEN:
             return
-        if self._refresh_refused and self._refresh_refused.get(key) == entry.created_at:
-            return
+        if self._refresh_refused:
+            refused = self._refresh_refused.get(key)
+            if refused is not None and refused[0] == entry.created_at and time.monotonic() < refused[1]:
+                return
         if len(self._refreshing) >= self._max_refreshes:
             self._stats.refreshes_skipped += 1
             return
@@ -1822,10 +1837,11 @@ class LLMCache:
             entry = await self._refreshed(current, request, control, upstream)
             if entry.refused is not None:
                 # The policy refused the new answer: the stale one is served
-                # until it expires, and not refreshed again by this process (a
-                # model call per stale read otherwise).
+                # until it expires, and refreshed again by this process only
+                # after another fresh window (not at every stale read).
                 refused = self._refresh_refused
-                refused[current.key] = current.created_at
+                window = current.fresh_until - current.created_at
+                refused[current.key] = (current.created_at, time.monotonic() + window)
                 if len(refused) > _REFUSED_REFRESHES_KEPT:
                     del refused[next(iter(refused))]
         except Exception as exc:

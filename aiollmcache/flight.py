@@ -303,7 +303,7 @@ class Coordinator:
                     if message.startswith(b"fail:"):
                         self.stats.remote_failures += 1
                         raise remote_error(message)
-                    carried = self._tier.decode_notification(key, message)
+                    carried = await self._carried(key, message)
                     if carried is not None and carried.refused is not None:
                         # The holder's answer, not stored (the policy refused it): for the
                         # callers who waited on it, as the holder's own callers get it.
@@ -317,6 +317,15 @@ class Coordinator:
         finally:
             if subscription is not None:
                 await subscription.close()
+
+    async def _carried(self, key: str, message: bytes) -> Entry | None:
+        """The entry a notification carries, or leaves to be read ("passed")."""
+        if message != b"passed":
+            return self._tier.decode_notification(key, message)
+        try:
+            return await self._tier.read_passed(key)
+        except TierError:
+            return None  # look at the entry and the lease again
 
     async def _subscribe(self, key: str) -> Subscription | None:
         try:
@@ -357,9 +366,8 @@ class Coordinator:
             blob = encode(entry)
             if blob is None:
                 # Not stored. An answer the policy refused still goes to the
-                # waiters, in the message, if it fits; else a waiter (if any)
-                # computes its own.
-                await self._release_quietly(self._tier.abandon(key, token, self._tier.passing(entry)))
+                # waiters; one too large to store, a waiter computes its own.
+                await self._release_quietly(self._tier.abandon(key, token, await self._passing(entry, token)))
             elif await self._tier.commit(entry, blob, token):
                 self.stats.committed += 1
             else:
@@ -370,6 +378,15 @@ class Coordinator:
             # when the lease expires and one of them takes over.
             self._log.warning("store", "could not store an answer in Redis: %s", exc)
         return entry
+
+    async def _passing(self, entry: Entry, token: str) -> bytes:
+        if entry.refused is None:
+            return b"retry"
+        try:
+            return await self._tier.pass_on(entry, token, self._lease_ms)
+        except TierError as exc:
+            self._log.warning("pass", "could not pass an answer on to the waiting processes: %s", exc)
+            return b"retry"
 
     async def _release_quietly(self, release: Coroutine[Any, Any, bool]) -> None:
         task = self._spawn(release)

@@ -23,7 +23,7 @@ from aiollmcache import (
 )
 from aiollmcache.testing import FakeOpenAI, chat_completion, last_user_text
 
-from .conftest import MODEL, AnyRedis, all_keys, user
+from .conftest import MODEL, AnyRedis, all_keys, signalling, user
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.both_redis]
 
@@ -289,6 +289,7 @@ async def test_concurrent_calls_fill_a_bucket_with_at_most_k_upstream_calls(
     assert sampler.calls("burst") == 3
     assert len({r.text for r in results}) == 3
     assert sum(r.coalesced for r in results) == 47
+    assert cache.stats()["samples_filled"] == 3
     # Another cache on the same Redis finds the bucket full.
     other = make_cache(openai=sampler_client, policy=CachePolicy(samples=3))
     again = {(await other.complete(user("burst"), temperature=1.0)).text for _ in range(30)}
@@ -462,3 +463,56 @@ async def test_a_refresh_the_policy_refuses_is_not_tried_again(
         await asyncio.gather(*cache._tasks)  # the background refresh, if one started
     assert fake.calls("refresh refused") == 2  # the answer, and one refresh
     assert cache.stats()["not_stored"]["should_store"] == 1
+
+
+async def test_concurrent_streams_fill_different_answers_of_a_bucket(
+    make_cache: Callable[..., LLMCache], sampler: FakeOpenAI, sampler_client: AsyncOpenAI
+) -> None:
+    sampler.latency = 0.1
+    cache = make_cache(openai=sampler_client, policy=CachePolicy(samples=3))
+
+    async def streamed(prompt: str) -> str:
+        stream = cache.stream(user(prompt), temperature=0.7)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    for round_ in range(5):
+        prompt = f"three streams {round_}"
+        texts = await asyncio.gather(*(streamed(prompt) for _ in range(3)))
+        assert sampler.calls(prompt) == 3 and len(set(texts)) == 3
+
+
+async def test_a_large_refused_answer_reaches_the_other_caches_too(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
+) -> None:
+    fake.latency, fake.answer_chars = 0.3, 100_000  # past what a notification carries
+    try:
+        caches = [
+            make_cache(policy=CachePolicy(should_store=lambda request, response: False)) for _ in range(3)
+        ]
+        results = await asyncio.gather(
+            *(c.complete(user("large and refused")) for c in caches for _ in range(5))
+        )
+    finally:
+        fake.answer_chars = 0
+    assert fake.calls("large and refused") == 1
+    assert len({r.response.id for r in results}) == 1 and len(results[0].text) == 100_000
+    assert sum(c.stats()["lease_passed"] for c in caches) == 2
+    assert await entries(redis_server, namespace) == []
+
+
+async def test_a_stream_elsewhere_replays_an_answer_passed_on_by_a_complete_call(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI, openai_client: AsyncOpenAI
+) -> None:
+    started, upstream = signalling(openai_client)
+    holder = make_cache(openai=None, upstream=upstream)
+    follower = make_cache()
+    fake.latency = 0.4
+    first = asyncio.create_task(holder.complete(user("passed to a stream"), max_tokens=2))
+    await started.wait()  # the holder has the lease and is asking the model
+    stream = follower.stream(user("passed to a stream"), max_tokens=2)
+    chunks = [chunk async for chunk in stream]
+    mine = await first
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == mine.text and chunks[0].id == mine.response.id
+    assert stream.source == "redis" and stream.coalesced
+    assert fake.calls("passed to a stream") == 1

@@ -803,6 +803,8 @@ class _Batches:
 
 # Entries up to this size travel inside the "done" notification.
 _INLINE_NOTIFICATION_BYTES = 64 * 1024
+# A lease token: 16 random bytes in hex (aiollmcache.flight).
+_TOKEN_BYTES = 32
 # max_entry_bytes bounds the response JSON; the envelope adds a header.
 _HEADER_ALLOWANCE = 64 * 1024
 
@@ -1590,16 +1592,46 @@ class RedisTier:
             until = max(until, entry.created_at + self._hot.max_age_ms / 1000)
         return max(1, math.ceil((until - self._clock()) * 1000))
 
-    def passing(self, entry: Entry) -> bytes:
-        """The message that releases a lease without storing ``entry``: the
-        entry itself ("pass:") when the policy refused it and it is small
-        enough to carry, else "retry" (a waiter computes its own)."""
-        if entry.refused is None:
+    def pass_key(self, key: str) -> str:
+        return self._key("p", key)
+
+    async def pass_on(self, entry: Entry, token: str, keep_ms: int) -> bytes:
+        """Leave an answer the policy refused where the lease's waiters find
+        it, without storing it as an entry: a key of its own, kept ``keep_ms``
+        (the holder's token, then the entry's bytes). Returns the message that
+        releases the lease: the entry itself when small ("pass:"), else
+        "passed" (read the key); "retry" (a waiter computes its own) for an
+        answer larger than ``max_entry_bytes``."""
+        if len(entry.raw) > self._max_entry_bytes:
             return b"retry"
         blob = self.encode(entry)
-        if len(blob) > _INLINE_NOTIFICATION_BYTES:
-            return b"retry"
-        return b"pass:" + blob
+        pkey = self.pass_key(entry.key)
+        await self._call("SET pass", self._client.set(pkey, token.encode() + blob, px=keep_ms), pkey)
+        return b"pass:" + blob if len(blob) <= _INLINE_NOTIFICATION_BYTES else b"passed"
+
+    async def read_passed(self, key: str, token: str | bytes | None = None) -> Entry | None:
+        """The answer last passed on for ``key`` (by the holder of ``token``,
+        if given), with ``refused`` set; None if there is none."""
+        pkey = self.pass_key(key)
+        value = await self._call("GET pass", self._client.get(pkey), pkey)
+        if not isinstance(value, bytes) or len(value) <= _TOKEN_BYTES:
+            return None
+        if token is not None and value[:_TOKEN_BYTES] != (
+            token.encode() if isinstance(token, str) else token
+        ):
+            return None
+        try:
+            entry = decode_entry(
+                value[_TOKEN_BYTES:],
+                key,
+                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
+                sealer=self.sealer,
+                context=self.entry_key(key).encode(),
+            )
+        except CorruptEntryError:
+            return None
+        entry.refused = "passed"
+        return entry
 
     def decode_notification(self, key: str, message: bytes) -> Entry | None:
         """The entry carried by a "done:" or "pass:" message (a "pass:" one
