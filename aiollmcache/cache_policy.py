@@ -20,6 +20,10 @@ decisions, with the reasons counted in ``stats()["not_stored"]``:
 - ``uncacheable``: the ``cacheable(request)`` predicate said no: the request
   is neither looked up nor stored (its answer depends on external state).
 - ``no_store``: the request said ``CacheControl(no_store=True)``.
+- ``provider_state``: a Responses API request whose answer depends on state
+  the provider holds (``previous_response_id``, ``conversation``,
+  ``background``, a stored ``prompt``, tools the provider runs such as web or
+  file search): neither looked up nor stored unless ``provider_state=True``.
 - ``should_store``: the ``should_store(request, response)`` predicate said no
   (or raised: logged, and not stored).
 
@@ -46,6 +50,7 @@ from typing import Any, Final
 
 import orjson
 from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 
 from .errors import ConfigurationError
 
@@ -74,10 +79,11 @@ NOT_STORED_REASONS: Final = (
     "uncacheable",
     "no_store",
     "should_store",
+    "provider_state",
 )
 
 RequestPredicate = Callable[[Mapping[str, Any]], bool]
-StorePredicate = Callable[[Mapping[str, Any], ChatCompletion], bool]
+StorePredicate = Callable[[Mapping[str, Any], Any], bool]
 
 
 class AnswerKind(enum.StrEnum):
@@ -106,8 +112,10 @@ def _kind(choices: Sequence[tuple[object, bool, bool]]) -> AnswerKind:
     return AnswerKind.ANSWER
 
 
-def classify(response: ChatCompletion) -> AnswerKind:
-    """The kind of a validated response."""
+def classify(response: ChatCompletion | Response) -> AnswerKind:
+    """The kind of a validated response (a chat completion or a Responses API response)."""
+    if isinstance(response, Response):
+        return _classify_response(response)
     choices = []
     for choice in response.choices:
         message = choice.message
@@ -115,6 +123,28 @@ def classify(response: ChatCompletion) -> AnswerKind:
         said = bool(message.content) or bool(message.refusal) or message.audio is not None
         choices.append((choice.finish_reason, tools, said))
     return _kind(choices)
+
+
+_TOOL_ITEMS: Final = frozenset({"function_call", "custom_tool_call"})
+
+
+def _classify_response(response: Response) -> AnswerKind:
+    status = response.status
+    if status == "incomplete":
+        details = response.incomplete_details
+        reason = details.reason if details is not None else None
+        return AnswerKind.CONTENT_FILTER if reason == "content_filter" else AnswerKind.TRUNCATED
+    if response.error is not None or status not in (None, "completed"):
+        return AnswerKind.EMPTY  # failed, cancelled, or not finished (background)
+    said = False
+    for item in response.output:
+        if item.type in _TOOL_ITEMS:
+            return AnswerKind.TOOL_CALLS
+        if item.type == "message":
+            said = said or any(
+                getattr(part, "text", None) or getattr(part, "refusal", None) for part in item.content
+            )
+    return AnswerKind.ANSWER if said else AnswerKind.EMPTY
 
 
 # An answer whose JSON has none of these words is an ordinary answer: most
@@ -180,7 +210,10 @@ class CachePolicy:
       altogether (not looked up, not stored); ``request`` is the parameters
       sent to the model (``model``, ``messages``, ...).
     - ``should_store(request, response) -> bool``: asked last, for an answer
-      every other rule would store; False: not stored.
+      every other rule would store; False: not stored. ``response`` is the
+      ``ChatCompletion``, or the ``Response`` for the Responses API.
+    - ``provider_state``: cache Responses API requests that depend on state
+      the provider holds (default False: they go to the model every time).
 
     Predicates run on the event loop: keep them quick and non-blocking.
     """
@@ -190,9 +223,11 @@ class CachePolicy:
     samples: int = 1
     cacheable: RequestPredicate | None = None
     should_store: StorePredicate | None = None
+    provider_state: bool = False
 
     def __post_init__(self) -> None:
         _flag(self.store_truncated, "store_truncated")
+        _flag(self.provider_state, "provider_state")
         _flag(self.tool_calls, "tool_calls")
         samples = self.samples
         if isinstance(samples, bool) or not isinstance(samples, int) or not 1 <= samples <= MAX_SAMPLES:

@@ -16,7 +16,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from types import MappingProxyType, TracebackType
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, cast
 import orjson
 import redis.asyncio as aioredis
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
 from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException
@@ -33,7 +34,7 @@ from ._log import RateLimitedLogger, logger
 from .cache_policy import DEFAULT_POLICY, AnswerKind, CachePolicy, sample_key
 from .crypto import AESGCMSealer
 from .embeddings import Embeddings, OpenAIEmbedder, Vectors
-from .entry import MISSING, Entry, _Missing
+from .entry import MISSING, RESPONSES, Entry, _Missing
 from .errors import (
     CacheClosedError,
     ConfigurationError,
@@ -58,7 +59,17 @@ from .invalidation import (
 )
 from .policy import Decision, State, decide, early_refresh_at
 from .pricing import PriceTable
-from .request import ChatRequest, SemanticQuery, build_chat_request, semantic_query, system_text
+from .request import (
+    ChatRequest,
+    SemanticQuery,
+    build_chat_request,
+    build_response_request,
+    provider_state,
+    request_system,
+    semantic_query,
+)
+from .responses import assemble_response, parse_event, parse_event_json, replay_response
+from .responses import parse_response as parse_responses_body
 from .stats import Stats
 from .streaming import CachedStream, ChunkLog, ChunkWriter, assemble, replay
 from .tiers.memory import MemoryTier
@@ -72,7 +83,7 @@ if TYPE_CHECKING:
 
     from .wrap import CachedOpenAI
 
-__all__ = ["CacheControl", "CacheResult", "LLMCache", "Source"]
+__all__ = ["CacheControl", "CacheResult", "LLMCache", "ResponseResult", "Source"]
 
 Seconds = float | timedelta
 
@@ -167,8 +178,10 @@ class CacheControl:
 
 
 _DEFAULT_CONTROL: Final = CacheControl()
-# The policy of a request its policy's ``cacheable`` predicate kept out of the cache.
+# The policy of a request its policy's ``cacheable`` predicate kept out of the
+# cache, and of a Responses request that depends on state the provider holds.
 _UNCACHEABLE: Final = CachePolicy()
+_PROVIDER_STATE: Final = CachePolicy()
 # A cached answer the request's policy would not have stored: not served.
 _REFUSED: Final = Decision(State.EXPIRED, refresh=False)
 # A stream copied to Redis is kept this long after its end, for followers
@@ -182,6 +195,38 @@ _T = TypeVar("_T")
 def _control_seconds(value: Seconds | None, default: _T) -> float | _T:
     # CacheControl.__post_init__ has already turned timedeltas into float seconds.
     return default if value is None else cast(float, value)
+
+
+# -- the two APIs: chat completions and responses ------------------------------
+
+
+def _parse(api: str, body: bytes | Mapping[str, Any]) -> tuple[bytes, Any]:
+    return parse_responses_body(body) if api == RESPONSES else parse_response(body)
+
+
+def _replay_data(api: str, response: Any, include_usage: bool = True) -> Iterator[dict[str, Any]]:
+    """A whole answer as the records a stream of it carries."""
+    return replay_response(response) if api == RESPONSES else replay(response, include_usage=include_usage)
+
+
+def _chunk(api: str, data: Mapping[str, Any]) -> Any:
+    """A streamed record typed: a ``ChatCompletionChunk``, or a Responses event."""
+    if api == RESPONSES:
+        return parse_event(data)
+    try:
+        return ChatCompletionChunk.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidResponseError(f"upstream streamed something that is not a chunk: {exc}") from exc
+
+
+def _chunk_json(api: str, data: bytes) -> Any:
+    """A record read back from Redis; raises ValidationError if it is not one."""
+    return parse_event_json(data) if api == RESPONSES else ChatCompletionChunk.model_validate_json(data)
+
+
+def _events(entry: Entry, include_usage: bool = True) -> Iterator[Any]:
+    for data in _replay_data(entry.api, entry.response, include_usage):
+        yield _chunk(entry.api, data)
 
 
 class CacheResult:
@@ -214,7 +259,7 @@ class CacheResult:
     @property
     def response(self) -> ChatCompletion:
         """The provider's full response."""
-        return self._entry.response
+        return cast(ChatCompletion, self._entry.response)
 
     @property
     def text(self) -> str:
@@ -228,9 +273,39 @@ class CacheResult:
 
     def __repr__(self) -> str:
         return (
-            f"CacheResult(source={self.source.value!r}, key={self.key!r}, age={self.age:.3f}, "
+            f"{type(self).__name__}(source={self.source.value!r}, key={self.key!r}, age={self.age:.3f}, "
             f"coalesced={self.coalesced}, stale={self.stale}, text={self.text[:40]!r})"
         )
+
+
+class ResponseResult(CacheResult):
+    """An answer of the Responses API and where it came from: ``response`` is
+    the ``Response`` (shared, read-only as for :class:`CacheResult`),
+    ``output_text`` (also ``text``) its text."""
+
+    __slots__ = ()
+
+    @property
+    def response(self) -> Response:  # type: ignore[override]
+        """The provider's full ``Response``."""
+        return cast(Response, self._entry.response)
+
+    @property
+    def output_text(self) -> str:
+        """The text of every output message, as ``Response.output_text``."""
+        return self._entry.text
+
+
+def _result(
+    entry: Entry,
+    source: Source,
+    age: float,
+    coalesced: bool = False,
+    stale: bool = False,
+    similarity: float | None = None,
+) -> CacheResult:
+    kind = ResponseResult if entry.api == RESPONSES else CacheResult
+    return kind(entry, source, age, coalesced, stale, similarity)
 
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
@@ -650,6 +725,50 @@ class LLMCache:
         self._stats.observe(result.source.value, time.perf_counter() - started)
         return result
 
+    async def respond(self, *, cache: CacheControl | None = None, **params: Any) -> ResponseResult:
+        """Answer a Responses API request (``client.responses.create``
+        parameters: ``input``, ``instructions``, ``model``, ``tools``,
+        ``text``, ``reasoning``...) from the cache, or from the model and cache
+        it. The result has the ``Response`` and its ``output_text``.
+
+        Requests whose answer depends on state the provider holds
+        (``previous_response_id``, ``conversation``, ``background``, a stored
+        ``prompt``, tools the provider runs such as web or file search) go to
+        the model every time, unless the policy says ``provider_state=True``.
+        Raises :class:`InvalidRequestError` before any I/O when the request is
+        malformed; the model API's own exceptions reach the caller unchanged.
+        """
+        if params.get("stream"):
+            raise InvalidRequestError("stream: respond() returns whole answers; call respond_stream()")
+        params.pop("stream", None)
+        request = self._response_request(params, cache, self._upstream)
+        return cast(ResponseResult, await self._complete_timed(request, cache, self._upstream))
+
+    def respond_stream(self, *, cache: CacheControl | None = None, **params: Any) -> CachedStream:
+        """Answer a Responses API request as a stream of the SDK's typed events
+        (``ResponseStreamEvent``): a cached answer is replayed as the events
+        the API sends for it; a stream in flight for the same request, here or
+        in another process, is joined; else the model's events are passed on
+        as they come and the answer stored when the stream ends well."""
+        if params.get("stream") is False:
+            raise InvalidRequestError("stream: respond_stream() streams; call respond() for a whole answer")
+        params.pop("stream", None)
+        request = self._response_request(params, cache, self._upstream)
+        return self._stream(request, cache, self._upstream)
+
+    def _response_request(
+        self, params: Mapping[str, Any], control: object, upstream: Upstream | None
+    ) -> ChatRequest:
+        if control is not None and not isinstance(control, CacheControl):
+            raise InvalidRequestError(f"cache: expected a CacheControl, got {type(control).__name__}")
+        if upstream is not None and not callable(getattr(upstream, "responses", None)):
+            raise ConfigurationError(
+                "this upstream cannot answer Responses API requests (no responses() method); pass openai="
+            )
+        return build_response_request(
+            params, default_model=self._model, upstream_scope=upstream_scope(upstream)
+        )
+
     def _request(self, messages: object, params: Mapping[str, Any], upstream: Upstream) -> ChatRequest:
         """A validated request keyed for ``upstream`` (the proxy's)."""
         return build_chat_request(
@@ -832,7 +951,7 @@ class LLMCache:
     ) -> CacheResult:
         control = control or _DEFAULT_CONTROL
         policy = control.policy or self._policy
-        if policy.cacheable is not None:
+        if policy.cacheable is not None or request.api == RESPONSES:
             control = self._control(request, control)
         if self._state != _OPEN:
             await self.open()
@@ -918,9 +1037,13 @@ class LLMCache:
             return await self._lead(request, control, upstream, now)
 
     def _control(self, request: ChatRequest, control: CacheControl | None) -> CacheControl:
-        """The request's settings, with its policy's ``cacheable`` predicate applied."""
+        """The request's settings, with its policy's ``cacheable`` predicate
+        applied (and, for the Responses API, its ``provider_state`` switch)."""
         control = control or _DEFAULT_CONTROL
-        cacheable = (control.policy or self._policy).cacheable
+        policy = control.policy or self._policy
+        if request.api == RESPONSES and not policy.provider_state and provider_state(request.params):
+            return replace(control, no_cache=True, no_store=True, policy=_PROVIDER_STATE)
+        cacheable = policy.cacheable
         if cacheable is not None and not CachePolicy.verdict(
             cacheable(MappingProxyType(request.params)), "cacheable"
         ):
@@ -1150,8 +1273,11 @@ class LLMCache:
         self._stats.samples_filled += request.sampled
         started = time.monotonic()
         try:
-            body = await upstream(request.params)
-            raw, response = parse_response(body)
+            if request.api == RESPONSES:
+                body = await cast(Any, upstream).responses(request.params)
+            else:
+                body = await upstream(request.params)
+            raw, response = _parse(request.api, body)
         except BaseException as exc:
             self._stats.upstream_errors += 1
             if isinstance(exc, Exception):
@@ -1164,12 +1290,17 @@ class LLMCache:
         request: ChatRequest,
         control: CacheControl,
         raw: bytes,
-        response: ChatCompletion,
+        response: ChatCompletion | Response,
         started: float,
     ) -> Entry:
         created = time.time()
         fresh_until = created + _control_seconds(control.ttl, self._ttl)
-        usage = response.usage
+        if isinstance(response, Response):
+            tokens = (response.usage.input_tokens, response.usage.output_tokens) if response.usage else (0, 0)
+        else:
+            tokens = (
+                (response.usage.prompt_tokens, response.usage.completion_tokens) if response.usage else (0, 0)
+            )
         entry = Entry(
             key=request.key,
             response=response,
@@ -1179,10 +1310,11 @@ class LLMCache:
             expires_at=fresh_until + _control_seconds(control.stale_ttl, self._stale_ttl),
             compute_ms=(time.monotonic() - started) * 1000,
             model=request.model,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
             tags=tuple(control.tags or ()),
-            system=system_text(request.params["messages"]),
+            system=request_system(request),
+            api=request.api,
         )
         refused = entry.refused = self._refusal(request, control, entry)
         if refused is not None:
@@ -1194,6 +1326,8 @@ class LLMCache:
         policy = control.policy or self._policy
         if policy is _UNCACHEABLE:
             return "uncacheable"
+        if policy is _PROVIDER_STATE:
+            return "provider_state"
         if control.no_store:
             return "no_store"
         refused = policy.refusal(entry.kind)
@@ -1367,14 +1501,19 @@ class LLMCache:
     @staticmethod
     async def _read_log(log: ChunkLog, include_usage: bool) -> Any:
         async for chunk in log.follow():
-            if not include_usage and not chunk.choices and chunk.usage is not None:
+            if (
+                not include_usage
+                and isinstance(chunk, ChatCompletionChunk)
+                and not chunk.choices
+                and chunk.usage is not None
+            ):
                 continue  # the usage chunk another caller asked for
             yield chunk
 
     @staticmethod
     async def _replayed(entry: Entry, include_usage: bool) -> Any:
-        for data in replay(entry.response, include_usage=include_usage):
-            yield ChatCompletionChunk.model_validate(data)
+        for chunk in _events(entry, include_usage):
+            yield chunk
 
     async def _produce_stream(
         self, request: ChatRequest, control: CacheControl, upstream: Upstream, log: ChunkLog, shared: bool
@@ -1419,13 +1558,15 @@ class LLMCache:
         self._stats.upstream_calls += 1
         self._stats.samples_filled += request.sampled
         started = time.monotonic()
-        produce = getattr(upstream, "stream", None)
+        api = request.api
+        produce = getattr(upstream, "stream_responses" if api == RESPONSES else "stream", None)
         try:
             if produce is None:
                 # An upstream that cannot stream: the whole answer, replayed.
-                raw, response = parse_response(await upstream(request.params))
-                for data in replay(response, include_usage=True):
-                    log.append(ChatCompletionChunk.model_validate(data))
+                whole = getattr(upstream, "responses") if api == RESPONSES else upstream  # noqa: B009
+                raw, response = _parse(api, await whole(request.params))
+                for data in _replay_data(api, response):
+                    log.append(_chunk(api, data))
                     if writer is not None:
                         writer.add(data)
                 return self._new_entry(request, control, raw, response, started)
@@ -1433,19 +1574,15 @@ class LLMCache:
             async for data in produce(request.params):
                 if not isinstance(data, Mapping):
                     raise InvalidResponseError(f"upstream streamed a {type(data).__name__}, not a chunk")
-                try:
-                    chunk = ChatCompletionChunk.model_validate(data)
-                except ValidationError as exc:
-                    raise InvalidResponseError(
-                        f"upstream streamed something that is not a chunk: {exc}"
-                    ) from exc
+                chunk = _chunk(api, data)
                 records.append(data)
                 log.append(chunk)
                 if writer is not None:
                     writer.add(data)
             if not records:
                 raise StreamInterruptedError("the model's stream ended without a chunk")
-            raw, response = parse_response(orjson.dumps(assemble(records)))
+            whole_answer = assemble_response(records) if api == RESPONSES else assemble(records)
+            raw, response = _parse(api, orjson.dumps(whole_answer))
         except BaseException as exc:
             self._stats.upstream_errors += 1
             if isinstance(exc, Exception):
@@ -1493,8 +1630,8 @@ class LLMCache:
                 if not log.chunks and self._decide(state, time.time(), control, count=False).servable:
                     self._stats.hits_redis += 1
                     log.source = Source.REDIS
-                    for data in replay(state.response, include_usage=True):
-                        log.append(ChatCompletionChunk.model_validate(data))
+                    for chunk in _events(state):
+                        log.append(chunk)
                     self._remember(state, time.time(), epoch)
                     log.entry = state
                     return
@@ -1523,12 +1660,14 @@ class LLMCache:
                 log.entry = entry
                 return
             log.source, log.coalesced = Source.REDIS, True
-            if await self._stream_follow(key, log, deadline, tier) == "done":
+            if await self._stream_follow(key, log, deadline, tier, request.api) == "done":
                 self._stats.coalesced_remote += 1
                 return
             skip_entry = False
 
-    async def _stream_follow(self, key: str, log: ChunkLog, deadline: float, tier: RedisTier) -> str:
+    async def _stream_follow(
+        self, key: str, log: ChunkLog, deadline: float, tier: RedisTier, api: str
+    ) -> str:
         """Read the stream another process is copying to Redis into ``log``:
         "done" at its end, "retry" when there is nothing to follow (the answer
         is stored, or the lease is free: look again). Raises the other
@@ -1558,7 +1697,7 @@ class LLMCache:
                     continue  # an earlier stream of the same key
                 if kind == b"c":
                     try:
-                        chunk = ChatCompletionChunk.model_validate_json(data)
+                        chunk = _chunk_json(api, data)
                     except ValidationError:
                         continue
                     log.append(chunk)
@@ -1599,8 +1738,8 @@ class LLMCache:
             if received:
                 raise StreamInterruptedError(_STOPPED_ELSEWHERE)
             if passed is not None:
-                for data in replay(passed.response, include_usage=True):
-                    log.append(ChatCompletionChunk.model_validate(data))
+                for chunk in _events(passed):
+                    log.append(chunk)
                 log.entry = passed
                 return "done"
             return "retry"
@@ -1797,7 +1936,7 @@ class LLMCache:
             self._stats.unpriced_hits += 1
         else:
             self._stats.cost_saved_usd += cost
-        return CacheResult(entry, source, entry.age(now), coalesced, stale, similarity)
+        return _result(entry, source, entry.age(now), coalesced, stale, similarity)
 
     def _schedule_refresh(
         self, entry: Entry, request: ChatRequest, upstream: Upstream, policy: CachePolicy | None
@@ -1879,7 +2018,7 @@ class LLMCache:
     @staticmethod
     def _computed(entry: Entry) -> CacheResult:
         """The result for the caller whose request this process just computed."""
-        return CacheResult(entry, Source.UPSTREAM, entry.age(time.time()))
+        return _result(entry, Source.UPSTREAM, entry.age(time.time()))
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Start new work owned by the cache; refused once the cache is closing."""

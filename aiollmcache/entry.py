@@ -17,7 +17,8 @@ that is not an ordinary one (truncated, tool calls: see
 :class:`~aiollmcache.cache_policy.AnswerKind`) says so after the versions
 (``"openai X; pydantic Y; kind=truncated"``), so a reader learns it without
 scanning the body; a reader that does not know the suffix takes it for other
-versions and validates the response, nothing worse. It is
+versions and validates the response, nothing worse. So does an answer of the
+Responses API (``"; api=responses"``: a ``Response``, not a ``ChatCompletion``). It is
 never compressed, so it can be read from the first bytes of a value without
 the rest (:func:`read_header`, and the hot-key script in Redis).
 
@@ -37,6 +38,7 @@ import openai
 import orjson
 import pydantic
 from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 from pydantic import ValidationError
 
 from .cache_policy import AnswerKind, classify, classify_raw
@@ -74,8 +76,10 @@ _HEADER_FIELDS: Final = 11
 # The versions that validated a response when it was written; an entry written
 # under the same ones needs no validation to be read back.
 _ENVIRONMENT: Final = f"openai {openai.__version__}; pydantic {pydantic.VERSION}"
-_KIND_MARK: Final = "; kind="
 _KINDS: Final = {kind.value: kind for kind in AnswerKind}
+CHAT: Final = "chat"
+RESPONSES: Final = "responses"
+_APIS: Final = frozenset({CHAT, RESPONSES})
 _NUMBER: Final = (int, float)
 
 
@@ -110,6 +114,7 @@ class Entry:
         "_kind",
         "_response",
         "_text",
+        "api",
         "completion_tokens",
         "compute_ms",
         "created_at",
@@ -140,8 +145,9 @@ class Entry:
         completion_tokens: int,
         tags: tuple[str, ...] = (),
         system: str = "",
-        response: ChatCompletion | None = None,
+        response: ChatCompletion | Response | None = None,
         kind: AnswerKind | None = None,
+        api: str = CHAT,
     ) -> None:
         self.key = key
         self.raw = raw
@@ -162,15 +168,19 @@ class Entry:
         # How long Redis keeps it, when that was extended past expires_at (hot keys).
         self.slid_until = 0.0
         self._kind = kind
+        # Which API answered: "chat" (a ChatCompletion) or "responses" (a Response).
+        self.api = api
         # Why the cache policy keeps this answer out of the cache (None: it may
         # be stored). Set on answers from the model; an entry read back was stored.
         self.refused: str | None = None
 
     @property
-    def response(self) -> ChatCompletion:
+    def response(self) -> Any:
+        """The ``ChatCompletion`` (or, for the Responses API, the ``Response``)."""
         response = self._response
         if response is None:
-            response = self._response = ChatCompletion.model_validate_json(self.raw)
+            model = Response if self.api == RESPONSES else ChatCompletion
+            response = self._response = model.model_validate_json(self.raw)
         return response
 
     @property
@@ -191,14 +201,17 @@ class Entry:
                 text = self._text_of(self._response)
             else:
                 try:
-                    text = _first_content(orjson.loads(self.raw))
+                    body = orjson.loads(self.raw)
+                    text = _output_text(body) if self.api == RESPONSES else _first_content(body)
                 except orjson.JSONDecodeError:  # JSON pydantic reads but orjson does not (NaN)
                     text = self._text_of(self.response)
             self._text = text
         return text
 
     @staticmethod
-    def _text_of(response: ChatCompletion) -> str:
+    def _text_of(response: ChatCompletion | Response) -> str:
+        if isinstance(response, Response):
+            return response.output_text
         first = response.choices[0] if response.choices else None
         return (first.message.content or "") if first is not None else ""
 
@@ -207,6 +220,21 @@ class Entry:
 
     def __repr__(self) -> str:
         return f"Entry(key={self.key!r}, model={self.model!r}, size={len(self.raw)})"
+
+
+def _output_text(body: dict[str, Any]) -> str:
+    """What ``Response.output_text`` gives: the text of every output message."""
+    texts = []
+    for item in body.get("output") or ():
+        if isinstance(item, dict) and item.get("type") == "message":
+            for part in item.get("content") or ():
+                if (
+                    isinstance(part, dict)
+                    and part.get("type") == "output_text"
+                    and isinstance(part.get("text"), str)
+                ):
+                    texts.append(part["text"])
+    return "".join(texts)
 
 
 def _first_content(body: dict[str, Any]) -> str:
@@ -228,10 +256,14 @@ def encode_entry(
     ``compress_above`` bytes. With a ``sealer`` the body and the system prompt
     are encrypted (see :mod:`aiollmcache.crypto`), bound to the format, the
     flags, the header and ``context`` (where the entry is stored)."""
-    kind = entry.kind
+    environment = _ENVIRONMENT
+    if entry.api != CHAT:
+        environment += f"; api={entry.api}"
+    if (kind := entry.kind) is not AnswerKind.ANSWER:
+        environment += f"; kind={kind.value}"
     header = orjson.dumps(
         [
-            _ENVIRONMENT if kind is AnswerKind.ANSWER else f"{_ENVIRONMENT}{_KIND_MARK}{kind.value}",
+            environment,
             entry.key,
             entry.created_at,
             entry.fresh_until,
@@ -351,19 +383,25 @@ def decode_entry(
         raw = _decompress(body, max_bytes) if flags & _FLAG_ZLIB else blob[header_end:]
     if len(raw) > max_bytes:
         raise CorruptEntryError(f"response larger than {max_bytes} bytes")
-    response = None
-    kind = AnswerKind.ANSWER
-    if env != _ENVIRONMENT:
-        base, mark, name = env.rpartition(_KIND_MARK)
-        if mark and name in _KINDS:
-            env, kind = base, _KINDS[name]
+    response: ChatCompletion | Response | None = None
+    kind, api = AnswerKind.ANSWER, CHAT
+    while env != _ENVIRONMENT:
+        base, _, suffix = env.rpartition("; ")
+        name, _, value = suffix.partition("=")
+        if name == "kind" and value in _KINDS:
+            kind = _KINDS[value]
+        elif name == "api" and value in _APIS:
+            api = value
+        else:
+            break
+        env = base
     if env != _ENVIRONMENT:
         # Written by other versions of openai or pydantic: validate now, not on
         # first use, so an entry this process cannot read is a miss.
         try:
-            response = ChatCompletion.model_validate_json(raw)
+            response = (Response if api == RESPONSES else ChatCompletion).model_validate_json(raw)
         except ValidationError as exc:
-            raise CorruptEntryError(f"stored response is not a chat completion: {exc}") from exc
+            raise CorruptEntryError(f"stored response is not a valid {api} response: {exc}") from exc
     return Entry(
         key=key,
         raw=raw,
@@ -378,6 +416,7 @@ def decode_entry(
         system=system,
         response=response,
         kind=kind,
+        api=api,
     )
 
 

@@ -56,7 +56,8 @@ class InvalidRequestError(AiollmcacheError, ValueError):
 
 
 class InvalidResponseError(AiollmcacheError, ValueError):
-    """An upstream returned a value that is not a chat completion."""
+    """An upstream returned a value that is not a chat completion (or, for the
+    Responses API, a ``Response``)."""
 
 
 class ConfigurationError(AiollmcacheError, ValueError):

@@ -29,6 +29,9 @@ __all__ = [
     "ChatRequest",
     "SemanticQuery",
     "build_chat_request",
+    "build_response_request",
+    "provider_state",
+    "request_system",
     "semantic_query",
     "system_text",
 ]
@@ -75,6 +78,7 @@ class ChatRequest:
     params: dict[str, Any]
     key: str
     sampled: bool = False
+    api: str = "chat"  # or "responses": client.responses.create
 
 
 def _is_model(value: object) -> bool:
@@ -223,6 +227,120 @@ def _build(
     return ChatRequest(model=model, params=send, key=digest.hexdigest())
 
 
+def build_response_request(
+    params: Mapping[str, Any], *, default_model: str | None, upstream_scope: str | None = None
+) -> ChatRequest:
+    """Validate a Responses API request (``client.responses.create``
+    parameters) and compute its cache key: the canonical form of ``input``
+    (a string or a list of items), ``instructions``, the model and every other
+    parameter that can change the answer (``tools``, ``text``, ``reasoning``,
+    ``include``...), marked as a Responses request so it never shares a key
+    with a chat request. :data:`EXCLUDED_PARAMS` (``store``, ``metadata``,
+    ``user``, ``safety_identifier``, ``prompt_cache_key``...) stay out.
+
+    Raises :class:`InvalidRequestError` naming the first problem found. No I/O.
+    """
+    try:
+        return _build_response(params, default_model, upstream_scope)
+    except RecursionError:
+        raise InvalidRequestError("request is nested too deeply") from None
+
+
+def _build_response(
+    params: Mapping[str, Any], default_model: str | None, upstream_scope: str | None
+) -> ChatRequest:
+    given = {name: value for name, value in params.items() if not _is_omitted(value)}
+    value = given.get("input")
+    if value is None and given.get("prompt") is None:
+        raise InvalidRequestError("input: missing; pass input= (a string or a list of items)")
+    if value is not None:
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise InvalidRequestError("input: expected a string or a non-empty list of items, got []")
+            for index, item in enumerate(value):
+                if not (isinstance(item, Mapping) or _is_model(item)):
+                    raise InvalidRequestError(
+                        f"input[{index}]: expected an item (a dict), got {type(item).__name__}"
+                    )
+        elif not isinstance(value, str):
+            raise InvalidRequestError(
+                f"input: expected a string or a list of items, got {type(value).__name__}"
+            )
+    instructions = given.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise InvalidRequestError(f"instructions: expected a string, got {type(instructions).__name__}")
+    model = given.get("model", default_model)
+    if model is None:
+        raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequestError(f"model: expected a non-empty string, got {model!r}")
+
+    send: dict[str, Any] = {"model": model}
+    keyed: dict[str, Any] = {"model": model, "@api": "responses"}
+    if upstream_scope:
+        keyed["@upstream"] = upstream_scope
+    for name, item in given.items():
+        if name == "model":
+            continue
+        send[name] = item
+        if name in EXCLUDED_PARAMS:
+            continue
+        canon = _canon(item, name)
+        if canon is not None:
+            keyed[name] = canon
+    try:
+        canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
+    except TypeError as exc:
+        raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
+    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES)
+    return ChatRequest(model=model, params=send, key=digest.hexdigest(), api="responses")
+
+
+# Tools the model only asks for (the caller runs them): their results come
+# back in the input, so the key covers them. Every other tool type is run by
+# the provider (web search, file search, code interpreter, MCP...), whose
+# results change with the world.
+_CALLER_TOOLS = frozenset({"function", "custom"})
+
+
+def provider_state(params: Mapping[str, Any]) -> str | None:
+    """Why a Responses request's answer depends on state the provider holds
+    (earlier responses, a conversation, a stored prompt, tools it runs, a
+    background job), or None."""
+    for name in ("previous_response_id", "conversation", "prompt"):
+        if params.get(name) is not None:
+            return name
+    if params.get("background"):
+        return "background"
+    for tool in params.get("tools") or ():
+        kind = tool.get("type") if isinstance(tool, Mapping) else getattr(tool, "type", None)
+        if kind not in _CALLER_TOOLS:
+            return f"tools: {kind}"
+    return None
+
+
+def _response_system(params: Mapping[str, Any]) -> str:
+    parts = [params["instructions"]] if isinstance(params.get("instructions"), str) else []
+    items = params.get("input")
+    if isinstance(items, list):
+        messages = [
+            _dump_model(item) if _is_model(item) else item
+            for item in items
+            if isinstance(item, Mapping) or _is_model(item)
+        ]
+        if text := system_text(messages):
+            parts.append(text)
+    return "\n".join(parts)
+
+
+def request_system(request: ChatRequest) -> str:
+    """The system prompt of a validated request (chat or Responses: its
+    ``instructions`` and system and developer items)."""
+    if request.api == "responses":
+        return _response_system(request.params)
+    return system_text(request.params["messages"])
+
+
 def system_text(messages: Sequence[Mapping[str, Any]]) -> str:
     """The text of a validated request's system and developer messages, one per
     line: what invalidation by pattern matches a system prompt against."""
@@ -264,6 +382,8 @@ def semantic_query(
     all be equal for two requests to be compared by meaning.
     """
     params = request.params
+    if request.api == "responses":
+        return _response_query(request, embedder, upstream_scope, min_chars, max_chars)
     messages = params["messages"]
     last = messages[-1]
     if last.get("role") != "user":
@@ -310,6 +430,42 @@ def semantic_query(
     canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
     digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest()
     return SemanticQuery(digest, text, number_signature(text))
+
+
+def _response_query(
+    request: ChatRequest, embedder: str, upstream_scope: str | None, min_chars: int, max_chars: int
+) -> SemanticQuery | str:
+    """A Responses request's query: only a plain-text ``input`` (a string, or
+    one user message of text) is compared by meaning."""
+    params = request.params
+    value = params.get("input")
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], Mapping):
+        item = value[0]
+        if (
+            item.get("role") == "user"
+            and isinstance(item.get("content"), str)
+            and item.get("type", "message") == "message"
+        ):
+            value = item["content"]
+    if not isinstance(value, str):
+        return "input other than plain text"
+    length = len(value.strip())
+    if length < min_chars:
+        return "prompt shorter than min_chars"
+    if length > max_chars:
+        return "prompt longer than max_chars"
+    keyed: dict[str, Any] = {"model": request.model, "@api": "responses", "@embedder": embedder}
+    if upstream_scope:
+        keyed["@upstream"] = upstream_scope
+    for name, item in params.items():
+        if name in ("model", "input") or name in EXCLUDED_PARAMS:
+            continue
+        canon = _canon(item, name)
+        if canon is not None:
+            keyed[name] = canon
+    canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
+    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest()
+    return SemanticQuery(digest, value, number_signature(value))
 
 
 _NUMBER_WORDS = {

@@ -10,6 +10,9 @@ Routes:
   headers: ``Cache-Control: no-cache | no-store | max-age=N``,
   ``x-aiollmcache-ttl: N``, ``x-aiollmcache-tags: a,b``,
   ``x-aiollmcache-namespace: ns`` (when the app was given ``namespaces``).
+- ``POST /v1/responses``: the Responses API through the cache, whole or
+  ``stream: true`` (named server-sent events, as OpenAI sends them); the same
+  headers.
 - ``GET /v1/models``: passed through to the upstream.
 - ``GET /metrics``: Prometheus text (``prometheus_client``, the ``metrics``
   extra).
@@ -163,16 +166,27 @@ def create_app(
             return body
         if "messages" not in body:
             return _error(400, "missing required parameter: 'messages'")
-        messages = body.pop("messages")
+        return await answer(request, body, responses=False)
+
+    async def responses(request: Request) -> Response:
+        body = await body_of(request)
+        if isinstance(body, Response):
+            return body
+        return await answer(request, body, responses=True)
+
+    async def answer(request: Request, body: dict[str, Any], *, responses: bool) -> Response:
+        messages = None if responses else body.pop("messages")
         streaming = bool(body.pop("stream", False))
         try:
             control = _control(request)
             target = await cache_of(request)
+            if responses:
+                keyed = target._response_request(body, control, upstream)
+            else:
+                keyed = target._request(messages, body, upstream)
             if streaming:
-                chat_request = target._request(messages, body, upstream)
-                return await _stream(target._stream(chat_request, control, upstream_for(request)))
-            chat_request = target._request(messages, body, upstream)
-            result = await target._complete_timed(chat_request, control, upstream_for(request))
+                return await _stream(target._stream(keyed, control, upstream_for(request)), responses)
+            result = await target._complete_timed(keyed, control, upstream_for(request))
         except (InvalidRequestError, ConfigurationError) as exc:
             return _error(400, str(exc))
         except openai.APIStatusError as exc:
@@ -241,7 +255,7 @@ def create_app(
         state = {"status": "ok", "redis_breaker_open": bool(snapshot.get("redis_breaker_open", 0))}
         return Response(orjson.dumps(state), media_type=_JSON)
 
-    async def _stream(stream: Any) -> Response:
+    async def _stream(stream: Any, responses: bool) -> Response:
         # Open it before answering, so that an error before the first chunk
         # (a bad request, the upstream refusing) is a proper error response.
         try:
@@ -256,13 +270,23 @@ def create_app(
             outcome = f"hit-{stream.source.value}"
         headers = {"x-aiollmcache": outcome, "x-aiollmcache-key": stream.key}
 
+        def sse(chunk: Any) -> bytes:
+            body: str = chunk.model_dump_json(exclude_unset=True)
+            data = b"data: " + body.encode() + b"\n\n"
+            # Responses events are named, as the API names them; chat chunks are not.
+            if not responses:
+                return data
+            name: str = chunk.type
+            return b"event: " + name.encode() + b"\n" + data
+
         async def events() -> AsyncIterator[bytes]:
             try:
                 if first is not None:
-                    yield b"data: " + first.model_dump_json(exclude_unset=True).encode() + b"\n\n"
+                    yield sse(first)
                     async for chunk in stream:
-                        yield b"data: " + chunk.model_dump_json(exclude_unset=True).encode() + b"\n\n"
-                yield b"data: [DONE]\n\n"
+                        yield sse(chunk)
+                if not responses:
+                    yield b"data: [DONE]\n\n"
             except Exception as exc:  # after the headers: tell the client in the stream
                 error = {"message": str(exc), "type": "api_error", "param": None, "code": None}
                 yield b"data: " + orjson.dumps({"error": error}) + b"\n\n"
@@ -274,6 +298,7 @@ def create_app(
     return Starlette(
         routes=[
             Route("/v1/chat/completions", chat, methods=["POST"]),
+            Route("/v1/responses", responses, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/cache/stats", stats, methods=["GET"]),
             Route("/cache/invalidate", invalidate, methods=["POST"]),

@@ -69,8 +69,14 @@ Reply = Callable[[Mapping[str, Any]], str]
 
 
 def last_user_text(request: Mapping[str, Any]) -> str:
-    """The text of the last user message of a chat request ('' if none)."""
-    for message in reversed(request.get("messages") or []):
+    """The text of the last user message of a chat request, or of a Responses
+    API request's ``input`` ('' if none)."""
+    items = request.get("messages")
+    if items is None:
+        items = request.get("input")
+        if isinstance(items, str):
+            return items
+    for message in reversed(items or []):
         if isinstance(message, Mapping) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, str):
@@ -79,7 +85,7 @@ def last_user_text(request: Mapping[str, Any]) -> str:
                 return " ".join(
                     str(p.get("text", ""))
                     for p in content
-                    if isinstance(p, Mapping) and p.get("type") == "text"
+                    if isinstance(p, Mapping) and p.get("type") in ("text", "input_text")
                 )
     return ""
 
@@ -219,6 +225,7 @@ class FakeOpenAI:
         app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/responses", self._responses, methods=["POST"]),
                 Route("/v1/embeddings", self._embeddings, methods=["POST"]),
                 Route("/v1/models", self._models, methods=["GET"]),
             ]
@@ -501,14 +508,109 @@ class FakeOpenAI:
         messages = body.get("messages") or [{}]
         if not isinstance(tools, list) or not tools or messages[-1].get("role") == "tool":
             return None
+        # Chat names a function under "function"; the Responses API at the top.
         if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-        elif choice == "required":
-            name = (tools[0].get("function") or {}).get("name") if isinstance(tools[0], dict) else None
+            name = choice.get("name") or (choice.get("function") or {}).get("name")
+        elif choice == "required" and isinstance(tools[0], dict):
+            name = tools[0].get("name") or (tools[0].get("function") or {}).get("name")
         else:
             return None
         arguments = orjson.dumps({"query": prompt}).decode()
         return [{"id": call_id, "type": "function", "function": {"name": str(name), "arguments": arguments}}]
+
+    async def _responses(self, request: Request) -> Response:
+        body = await self._body(request)
+        if isinstance(body, Response):
+            return body
+        given = body.get("input")
+        if not isinstance(body.get("model"), str) or not isinstance(given, (str, list)) or not given:
+            return self._error(400, "'input' and 'model' are required")
+        prompt = last_user_text(body)
+        with self._called:
+            self._chat_calls[prompt] += 1
+            self._requests.append(body)
+            self._called.notify_all()
+        failure = self._take_failure(prompt)
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+        if failure is not None:
+            if failure.status is None:
+                assert self._stopping is not None
+                await self._stopping.wait()
+                return self._error(503, "server stopping", "server_error")
+            kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+            return self._error(failure.status, failure.message, kind)
+        content = self._reply(body)
+        if len(content) < self.answer_chars:
+            content = content.ljust(self.answer_chars)
+        number = next(self._ids)
+        status, incomplete = "completed", None
+        limit = body.get("max_output_tokens")
+        if type(limit) is int and limit > 0 and _tokens(content) > limit:
+            content, status, incomplete = " ".join(content.split()[:limit]), "incomplete", "max_output_tokens"
+        if self._take_filter(prompt):
+            content, status, incomplete = content.split(" ")[0], "incomplete", "content_filter"
+        output: list[dict[str, Any]] = [
+            {
+                "type": "message",
+                "id": f"msg_fake-{number}",
+                "role": "assistant",
+                "status": "completed" if status == "completed" else "incomplete",
+                "content": [{"type": "output_text", "text": content, "annotations": []}],
+            }
+        ]
+        last = given[-1] if isinstance(given, list) and isinstance(given[-1], dict) else {}
+        after_tool = last.get("type") == "function_call_output"
+        calls = self._tool_calls(
+            {**body, "messages": [{"role": "tool" if after_tool else "user"}]}, prompt, f"call_fake-{number}"
+        )
+        if calls is not None:
+            function = calls[0]["function"]
+            output = [
+                {
+                    "type": "function_call",
+                    "id": f"fc_fake-{number}",
+                    "call_id": calls[0]["id"],
+                    "name": function["name"],
+                    "arguments": function["arguments"],
+                    "status": "completed",
+                }
+            ]
+        input_tokens = _tokens(str(body.get("instructions") or "")) + _tokens(prompt)
+        output_tokens = _tokens(content)
+        response = {
+            "id": f"resp_fake-{number}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body["model"],
+            "status": status,
+            "incomplete_details": {"reason": incomplete} if incomplete else None,
+            "instructions": body.get("instructions"),
+            "output": output,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": input_tokens,
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            },
+        }
+        if body.get("stream"):
+            return StreamingResponse(self._response_events(response), media_type="text/event-stream")
+        return Response(orjson.dumps(response), media_type="application/json")
+
+    async def _response_events(self, response: dict[str, Any]) -> AsyncIterator[bytes]:
+        from openai.types.responses import Response as ResponseObject
+
+        from .responses import replay_response
+
+        for event in replay_response(ResponseObject.model_validate(response)):
+            if self.chunk_latency > 0 and event["type"].endswith(".delta"):
+                await asyncio.sleep(self.chunk_latency)
+            yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
     def _take_cut(self, prompt: str) -> int | None:
         with self._lock:

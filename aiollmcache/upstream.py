@@ -9,6 +9,11 @@ whole by ``cache.stream()``, and the answer replayed as chunks. Its
 exceptions reach callers unchanged and are never cached. An upstream may
 have a ``scope`` attribute (a string naming the provider, e.g. its base URL):
 it becomes part of every cache key, so two providers never share answers.
+
+For the Responses API an upstream also has ``responses(params)`` (the
+``Response`` as JSON bytes or a mapping) and, to stream,
+``stream_responses(params)`` (an async iterator of event mappings).
+:class:`OpenAIUpstream` has both.
 """
 
 from __future__ import annotations
@@ -49,6 +54,21 @@ class OpenAIUpstream:
         raw = await self.client.chat.completions.with_raw_response.create(**params)
         body: bytes = raw.content
         return body
+
+    async def responses(self, params: dict[str, Any]) -> bytes:
+        """``client.responses.create``, the body as received."""
+        raw = await self.client.responses.with_raw_response.create(**params)
+        body: bytes = raw.content
+        return body
+
+    async def stream_responses(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The events of ``client.responses.create(..., stream=True)``."""
+        response = await self.client.responses.create(**{**params, "stream": True})
+        try:
+            async for event in response:
+                yield event.model_dump(mode="json", exclude_unset=True)
+        finally:
+            await response.close()
 
     async def stream(self, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The chunks of ``create(..., stream=True)``, as the provider sent them

@@ -63,20 +63,49 @@ class _Chat:
         return getattr(self._client.chat, name)
 
 
+class _Responses:
+    __slots__ = ("_cache", "_client", "_upstream")
+
+    def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
+        self._cache = cache
+        self._client = client
+        self._upstream = OpenAIUpstream(client)
+
+    async def create(self, *, cache: CacheControl | None = None, **kwargs: Any) -> Any:
+        """``responses.create`` through the cache.
+
+        Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns
+        the ``Response``; with ``stream=True``, a
+        :class:`~aiollmcache.streaming.CachedStream` of the SDK's typed
+        ``ResponseStreamEvent`` objects.
+        """
+        streaming = bool(kwargs.pop("stream", False))
+        request = self._cache._response_request(kwargs, cache, self._upstream)
+        if streaming:
+            return self._cache._stream(request, cache, self._upstream)
+        result = await self._cache._complete_timed(request, cache, self._upstream)
+        return result.response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client.responses, name)
+
+
 class CachedOpenAI:
     """Behaves as the wrapped ``AsyncOpenAI`` client; only
-    ``chat.completions.create`` (streaming or not) is answered through the cache.
-    Everything else is the wrapped client's own attribute.
+    ``chat.completions.create`` and ``responses.create`` (streaming or not)
+    are answered through the cache. Everything else is the wrapped client's
+    own attribute.
 
     Cache misses are sent through the wrapped client, with its own base URL,
     timeout and retry settings. The wrapped client is not closed by the cache.
     """
 
-    __slots__ = ("_client", "chat")
+    __slots__ = ("_client", "chat", "responses")
 
     def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
         self._client = client
         self.chat = _Chat(cache, client)
+        self.responses = _Responses(cache, client)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)

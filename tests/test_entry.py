@@ -130,7 +130,7 @@ VALID = encode_entry(entry(), compress_above=1 << 20)
         ),
         # written under other versions of openai/pydantic: validated at once
         (_header_blob(["openai 0.0", *GOOD_HEADER[1:]]), None),
-        (_header_blob(["openai 0.0", *GOOD_HEADER[1:]], b'{"id": 1}'), "not a chat completion"),
+        (_header_blob(["openai 0.0", *GOOD_HEADER[1:]], b'{"id": 1}'), "not a valid chat response"),
     ],
 )
 def test_invalid_bytes_are_corrupt(blob: bytes, reason: str | None) -> None:
