@@ -5,7 +5,7 @@ one upstream call. See the README for guarantees and their limits.
 """
 
 from .cache_policy import MAX_SAMPLES, CachePolicy
-from .client import CacheControl, CacheResult, LLMCache, Source
+from .client import CacheControl, CacheResult, LLMCache, ResponseResult, Source
 from .embeddings import Embedder, OpenAIEmbedder
 from .entry import MISSING, Entry
 from .errors import (
@@ -60,6 +60,7 @@ __all__ = [
     "OpenAIUpstream",
     "Pattern",
     "RemoteUpstreamError",
+    "ResponseResult",
     "SemanticConfig",
     "Source",
     "StreamInterruptedError",

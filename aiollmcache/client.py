@@ -794,6 +794,16 @@ class LLMCache:
             messages, params, default_model=self._model, upstream_scope=self._upstream_scope
         ).key
 
+    def key_for_response(self, **params: Any) -> str:
+        """The cache key of a Responses API request, as :meth:`respond` would
+        compute it (no I/O): what ``invalidate(key=...)`` takes."""
+        if "cache" in params:
+            raise InvalidRequestError("key_for_response: cache= does not change the key; leave it out")
+        params.pop("stream", None)
+        return build_response_request(
+            params, default_model=self._model, upstream_scope=self._upstream_scope
+        ).key
+
     async def invalidate(
         self,
         *,

@@ -257,3 +257,22 @@ async def test_processes_fill_a_sample_bucket_with_at_most_k_calls(
         ids |= {r["id"] for r in results}
     assert 1 <= fake.calls("sample me") <= 3
     assert len(ids) == fake.calls("sample me")  # every answer served is one of the bucket's
+
+
+async def test_four_processes_stampede_one_responses_request(
+    fake: FakeOpenAI, redis_server: AnyRedis, namespace: str
+) -> None:
+    fake.latency = 0.5
+    options = ("--callers", "100", "--responses", "--wait-go")
+    workers = [
+        await Worker.start(redis_server, fake, namespace, "responses stampede", *options) for _ in range(4)
+    ]
+    for worker in workers:
+        worker.go()
+    reports = [await w.result() for w in workers]
+    results = [r for report in reports for r in report["results"]]
+    assert len(results) == 400 and not [r for r in results if "error" in r]
+    assert fake.calls("responses stampede") == 1
+    assert {r["id"] for r in results} == {results[0]["id"]} and results[0]["id"].startswith("resp_")
+    assert {r["text"] for r in results} == {"Answer to: responses stampede"}
+    assert sorted(report["stats"]["upstream_calls"] for report in reports) == [0, 0, 0, 1]

@@ -112,6 +112,34 @@ async def test_streams_through_the_proxy(start_proxy: Callable[..., Any], fake: 
         await client.close()
 
 
+async def test_the_responses_api_through_the_proxy(start_proxy: Callable[..., Any], fake: FakeOpenAI) -> None:
+    proxy = await start_proxy()
+    client = proxy.client()
+    try:
+        for expected in ("miss", "hit-memory"):
+            raw = await client.responses.with_raw_response.create(model=MODEL, input="proxied response")
+            assert raw.headers["x-aiollmcache"] == expected
+            assert raw.parse().output_text == "Answer to: proxied response"
+        for expected in ("miss", "hit-memory"):
+            async with client.responses.with_streaming_response.create(
+                model=MODEL, input="proxied stream", stream=True
+            ) as response:
+                assert response.headers["x-aiollmcache"] == expected
+                lines = [line async for line in response.iter_lines() if line]
+                assert lines[0] == "event: response.created" and lines[-2] == "event: response.completed"
+            stream = await client.responses.create(model=MODEL, input="proxied stream", stream=True)
+            events = [event async for event in stream]
+            assert events[-1].type == "response.completed"
+            assert events[-1].response.output_text == "Answer to: proxied stream"  # type: ignore[union-attr]
+        assert fake.calls("proxied response") == 1 and fake.calls("proxied stream") == 1
+        stateful = await client.responses.with_raw_response.create(
+            model=MODEL, input="proxied response", previous_response_id="resp_x"
+        )
+        assert stateful.headers["x-aiollmcache"] == "miss"
+    finally:
+        await client.close()
+
+
 async def test_request_headers_control_the_cache(start_proxy: Callable[..., Any], fake: FakeOpenAI) -> None:
     proxy = await start_proxy()
     async with httpx.AsyncClient(base_url=proxy.url) as http:

@@ -2,7 +2,9 @@
 
     python -m tests.worker REDIS_URL BASE_URL NAMESPACE PROMPT [--callers N]
         [--lease-ttl S] [--client-timeout S] [--ttl S] [--stale-ttl S] [--wait-go]
-        [--max-tokens N] [--temperature T] [--samples K]
+        [--max-tokens N] [--temperature T] [--samples K] [--responses]
+
+With --responses the calls are respond(input=PROMPT) (the Responses API).
 
 With --wait-go it prints "ready" once the cache is open and waits for a line
 on stdin before firing, so several workers can start together. It prints one
@@ -23,8 +25,16 @@ from openai import AsyncOpenAI
 from aiollmcache import CachePolicy, LLMCache
 
 
-async def call(cache: LLMCache, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+async def call(cache: LLMCache, prompt: str, params: dict[str, Any], responses: bool) -> dict[str, Any]:
     try:
+        if responses:
+            answer = await cache.respond(input=prompt, **params)
+            return {
+                "source": str(answer.source),
+                "coalesced": answer.coalesced,
+                "text": answer.output_text,
+                "id": answer.response.id,
+            }
         result = await cache.complete([{"role": "user", "content": prompt}], **params)
     except Exception as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
@@ -62,7 +72,9 @@ async def main(args: argparse.Namespace) -> None:
                 params["max_tokens"] = args.max_tokens
             if args.temperature is not None:
                 params["temperature"] = args.temperature
-            results = await asyncio.gather(*(call(cache, args.prompt, params) for _ in range(args.callers)))
+            results = await asyncio.gather(
+                *(call(cache, args.prompt, params, args.responses) for _ in range(args.callers))
+            )
         stats = cache.stats()  # after closing, which drains background refreshes
         sys.stdout.buffer.write(orjson.dumps({"results": results, "stats": stats}) + b"\n")
         sys.stdout.flush()
@@ -85,4 +97,5 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--responses", action="store_true")
     asyncio.run(main(parser.parse_args()))
