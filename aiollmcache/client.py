@@ -317,7 +317,9 @@ _Outcome = tuple[Entry, "Source", bool, float | None]
 
 
 class LLMCache:
-    """A tiered cache in front of an OpenAI-compatible chat API.
+    """A tiered cache in front of an OpenAI-compatible API: chat completions
+    (:meth:`complete`, :meth:`stream`) and the Responses API (:meth:`respond`,
+    :meth:`respond_stream`).
 
     Lookups go memory tier, then Redis (when configured), then the model. Without
     ``redis_url``/``redis`` the cache is memory-only and private to this process.
