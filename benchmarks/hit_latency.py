@@ -13,6 +13,8 @@ Rows, measured interleaved in one run on one Redis and one connection pool:
   ``result.text``.
 - ``complete(), memory hit, stale``: the same for an entry past its fresh
   window, whose refresh is in flight (as for every stale hit but the first).
+- ``respond(), ...``: the same hits for a Responses API request (a
+  ``Response`` of the same ~2 KB of text).
 - ``..., bucket of 4``: a sampled request (``temperature=0.9``) under
   ``CachePolicy(samples=4)``, its bucket full: the four answers are read (in
   one round trip from Redis) and one is served at random.
@@ -40,6 +42,8 @@ from aiollmcache import CachePolicy, LLMCache
 from aiollmcache.testing import RedisServer, chat_completion
 from aiollmcache.tiers.redis import connect
 
+PROMPT = "Explain the difference between a process and a thread."
+INSTRUCTIONS = "You are a helpful assistant."
 MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Explain the difference between a process and a thread."},
@@ -57,12 +61,47 @@ def completion(chars: int) -> dict[str, Any]:
     )
 
 
+def response(chars: int) -> dict[str, Any]:
+    return {
+        "id": "resp_bench",
+        "object": "response",
+        "created_at": 1_700_000_000,
+        "model": "gpt-4o-mini",
+        "status": "completed",
+        "output": [
+            {
+                "type": "message",
+                "id": "msg_bench",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": "x" * chars, "annotations": []}],
+            }
+        ],
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        "usage": {
+            "input_tokens": 25,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": 400,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": 425,
+        },
+    }
+
+
 async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
     body = completion(answer_chars)
     raw_json = orjson.dumps(body)
+    raw_response = orjson.dumps(response(answer_chars))
+
+    async def answer(params: dict[str, Any]) -> bytes:
+        return raw_response
 
     async def upstream(params: dict[str, Any]) -> bytes:
         return raw_json
+
+    upstream.responses = answer  # type: ignore[attr-defined]  # the Responses API
 
     client = connect(url, max_connections=64, timeout=1.0)
     default_pool = aioredis.Redis.from_url(url)
@@ -102,9 +141,11 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         "complete(), Redis hit": [],
         "complete(), Redis hit, .response": [],
         "complete(), Redis hit, bucket of 4": [],
+        "respond(), Redis hit": [],
         "complete(), memory hit": [],
         "complete(), memory hit, stale": [],
         "complete(), memory hit, bucket of 4": [],
+        "respond(), memory hit": [],
         "raw GET + orjson.loads (default pool)": [],
     }
     clock = time.perf_counter_ns
@@ -114,6 +155,8 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         first = await redis_cache.complete(MESSAGES)
         assert first.source == "redis", first.source
         assert (await memory_cache.complete(MESSAGES)).source == "memory"
+        await redis_cache.respond(input=PROMPT, instructions=INSTRUCTIONS)  # store
+        await memory_cache.respond(input=PROMPT, instructions=INSTRUCTIONS)
         for sampled in (redis_bucket, memory_bucket):
             for _ in range(4):  # fill the bucket
                 await sampled.complete(MESSAGES, temperature=0.9)
@@ -134,6 +177,10 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             result = await redis_bucket.complete(MESSAGES, temperature=0.9)
             assert result.text
 
+        async def redis_respond_hit() -> None:
+            result = await redis_cache.respond(input=PROMPT, instructions=INSTRUCTIONS)
+            assert result.output_text
+
         async def raw_get_default_pool() -> None:
             orjson.loads(await default_pool.get(raw_key))
 
@@ -142,6 +189,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             ("complete(), Redis hit", redis_hit),
             ("complete(), Redis hit, .response", redis_hit_response),
             ("complete(), Redis hit, bucket of 4", redis_bucket_hit),
+            ("respond(), Redis hit", redis_respond_hit),
             ("raw GET + orjson.loads (default pool)", raw_get_default_pool),
         ]
         # Redis paths interleaved call by call, so machine noise hits them
@@ -164,6 +212,7 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
         memory_samples = samples["complete(), memory hit"]
         stale_samples = samples["complete(), memory hit, stale"]
         bucket_samples = samples["complete(), memory hit, bucket of 4"]
+        respond_samples = samples["respond(), memory hit"]
         for i in range(warmup + iterations * 5):
             t0 = clock()
             m = await memory_cache.complete(MESSAGES)
@@ -175,14 +224,18 @@ async def run(url: str, iterations: int, answer_chars: int) -> dict[str, Any]:
             b = await memory_bucket.complete(MESSAGES, temperature=0.9)
             assert b.text
             t3 = clock()
+            r = await memory_cache.respond(input=PROMPT, instructions=INSTRUCTIONS)
+            assert r.output_text
+            t4 = clock()
             if i >= warmup:
                 memory_samples.append(t1 - t0)
                 stale_samples.append(t2 - t1)
                 bucket_samples.append(t3 - t2)
+                respond_samples.append(t4 - t3)
         assert m.source == "memory" and not m.stale
         assert s.source == "memory" and s.stale
         stats = redis_cache.stats()
-        assert stats["upstream_calls"] == 1 and stats["hits_redis"] >= iterations
+        assert stats["upstream_calls"] == 2 and stats["hits_redis"] >= 2 * iterations  # chat and respond
         for sampled in (redis_bucket, memory_bucket):
             assert sampled.stats()["upstream_calls"] == 4 and b.source == "memory"
     finally:
