@@ -68,7 +68,7 @@ from .request import (
     request_system,
     semantic_query,
 )
-from .responses import assemble_response, parse_event, parse_event_json, replay_response
+from .responses import assemble_response, parse_event, parse_event_json, replay_response, strip_event
 from .responses import parse_response as parse_responses_body
 from .stats import Stats
 from .streaming import CachedStream, ChunkLog, ChunkWriter, assemble, replay
@@ -200,8 +200,12 @@ def _control_seconds(value: Seconds | None, default: _T) -> float | _T:
 # -- the two APIs: chat completions and responses ------------------------------
 
 
-def _parse(api: str, body: bytes | Mapping[str, Any]) -> tuple[bytes, Any]:
-    return parse_responses_body(body) if api == RESPONSES else parse_response(body)
+def _parse(api: str, body: bytes | Mapping[str, Any]) -> tuple[bytes, Any, bool]:
+    """The answer's JSON, the answer, and whether it passed validation (only a
+    Responses answer may not: the caller gets it, the cache does not keep it)."""
+    if api == RESPONSES:
+        return parse_responses_body(body)
+    return (*parse_response(body), True)
 
 
 def _replay_data(api: str, response: Any, include_usage: bool = True) -> Iterator[dict[str, Any]]:
@@ -1289,13 +1293,13 @@ class LLMCache:
                 body = await cast(Any, upstream).responses(request.params)
             else:
                 body = await upstream(request.params)
-            raw, response = _parse(request.api, body)
+            raw, response, valid = _parse(request.api, body)
         except BaseException as exc:
             self._stats.upstream_errors += 1
             if isinstance(exc, Exception):
                 self._stats.not_stored["error"] += 1
             raise
-        return self._new_entry(request, control, raw, response, started)
+        return self._new_entry(request, control, raw, response, started, valid)
 
     def _new_entry(
         self,
@@ -1304,6 +1308,7 @@ class LLMCache:
         raw: bytes,
         response: ChatCompletion | Response,
         started: float,
+        valid: bool = True,
     ) -> Entry:
         created = time.time()
         fresh_until = created + _control_seconds(control.ttl, self._ttl)
@@ -1328,7 +1333,7 @@ class LLMCache:
             system=request_system(request),
             api=request.api,
         )
-        refused = entry.refused = self._refusal(request, control, entry)
+        refused = entry.refused = self._refusal(request, control, entry) if valid else "error"
         if refused is not None:
             self._stats.not_stored[refused] += 1
         return entry
@@ -1576,31 +1581,32 @@ class LLMCache:
             if produce is None:
                 # An upstream that cannot stream: the whole answer, replayed.
                 whole = getattr(upstream, "responses") if api == RESPONSES else upstream  # noqa: B009
-                raw, response = _parse(api, await whole(request.params))
+                raw, response, valid = _parse(api, await whole(request.params))
                 for data in _replay_data(api, response):
                     log.append(_chunk(api, data))
                     if writer is not None:
                         writer.add(data)
-                return self._new_entry(request, control, raw, response, started)
+                return self._new_entry(request, control, raw, response, started, valid)
             records: list[Mapping[str, Any]] = []
-            async for data in produce(request.params):
-                if not isinstance(data, Mapping):
-                    raise InvalidResponseError(f"upstream streamed a {type(data).__name__}, not a chunk")
-                chunk = _chunk(api, data)
-                records.append(data)
+            async for streamed in produce(request.params):
+                if not isinstance(streamed, Mapping):
+                    raise InvalidResponseError(f"upstream streamed a {type(streamed).__name__}, not a chunk")
+                record = strip_event(streamed) if api == RESPONSES else streamed
+                chunk = _chunk(api, record)
+                records.append(record)
                 log.append(chunk)
                 if writer is not None:
-                    writer.add(data)
+                    writer.add(record)
             if not records:
                 raise StreamInterruptedError("the model's stream ended without a chunk")
             whole_answer = assemble_response(records) if api == RESPONSES else assemble(records)
-            raw, response = _parse(api, orjson.dumps(whole_answer))
+            raw, response, valid = _parse(api, orjson.dumps(whole_answer))
         except BaseException as exc:
             self._stats.upstream_errors += 1
             if isinstance(exc, Exception):
                 self._stats.not_stored["error"] += 1
             raise
-        return self._new_entry(request, control, raw, response, started)
+        return self._new_entry(request, control, raw, response, started, valid)
 
     async def _stream_fleet(
         self,

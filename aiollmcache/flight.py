@@ -380,8 +380,8 @@ class Coordinator:
         return entry
 
     async def _passing(self, entry: Entry, token: str) -> bytes:
-        if entry.refused is None:
-            return b"retry"
+        if entry.refused is None or entry.refused == "error":
+            return b"retry"  # (an answer that failed validation is not shared)
         try:
             return await self._tier.pass_on(entry, token, self._lease_ms)
         except TierError as exc:

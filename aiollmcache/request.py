@@ -60,6 +60,7 @@ EXCLUDED_PARAMS = frozenset(
 )
 
 _KEY_DIGEST_BYTES = 16
+_RESPONSES_DOMAIN = b"responses\0"
 _JSON_INT_MIN = -(2**63)  # what orjson (and the API) can carry
 _JSON_INT_MAX = 2**64 - 1
 _EXACT_FLOAT_INT = 2**53
@@ -276,7 +277,7 @@ def _build_response(
         raise InvalidRequestError(f"model: expected a non-empty string, got {model!r}")
 
     send: dict[str, Any] = {"model": model}
-    keyed: dict[str, Any] = {"model": model, "@api": "responses"}
+    keyed: dict[str, Any] = {"model": model}
     if upstream_scope:
         keyed["@upstream"] = upstream_scope
     for name, item in given.items():
@@ -292,7 +293,8 @@ def _build_response(
         canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
     except TypeError as exc:
         raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
-    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES)
+    # A domain of its own: no parameters of a chat request hash to a Responses key.
+    digest = blake2b(_RESPONSES_DOMAIN + canonical, digest_size=_KEY_DIGEST_BYTES)
     return ChatRequest(model=model, params=send, key=digest.hexdigest(), api="responses")
 
 
@@ -306,7 +308,10 @@ _CALLER_TOOLS = frozenset({"function", "custom"})
 def provider_state(params: Mapping[str, Any]) -> str | None:
     """Why a Responses request's answer depends on state the provider holds
     (earlier responses, a conversation, a stored prompt, tools it runs, a
-    background job), or None."""
+    background job), or None. Parameters sent in ``extra_body`` count too."""
+    extra = params.get("extra_body")
+    if isinstance(extra, Mapping):
+        params = {**params, **extra}
     for name in ("previous_response_id", "conversation", "prompt"):
         if params.get(name) is not None:
             return name
@@ -454,7 +459,7 @@ def _response_query(
         return "prompt shorter than min_chars"
     if length > max_chars:
         return "prompt longer than max_chars"
-    keyed: dict[str, Any] = {"model": request.model, "@api": "responses", "@embedder": embedder}
+    keyed: dict[str, Any] = {"model": request.model, "@embedder": embedder}
     if upstream_scope:
         keyed["@upstream"] = upstream_scope
     for name, item in params.items():
@@ -464,7 +469,7 @@ def _response_query(
         if canon is not None:
             keyed[name] = canon
     canonical = orjson.dumps(keyed, option=orjson.OPT_SORT_KEYS)
-    digest = blake2b(canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest()
+    digest = blake2b(_RESPONSES_DOMAIN + canonical, digest_size=_KEY_DIGEST_BYTES).hexdigest()
     return SemanticQuery(digest, value, number_signature(value))
 
 

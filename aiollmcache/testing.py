@@ -586,6 +586,12 @@ class FakeOpenAI:
             "status": status,
             "incomplete_details": {"reason": incomplete} if incomplete else None,
             "instructions": body.get("instructions"),
+            # The request's bookkeeping, echoed as the API does.
+            "metadata": body.get("metadata") or {},
+            "user": body.get("user"),
+            "safety_identifier": body.get("safety_identifier"),
+            "prompt_cache_key": body.get("prompt_cache_key"),
+            "service_tier": body.get("service_tier") or "default",
             "output": output,
             "parallel_tool_calls": True,
             "tool_choice": "auto",

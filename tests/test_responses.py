@@ -296,3 +296,112 @@ async def test_a_paraphrase_of_plain_text_input_is_a_semantic_hit(
         instructions="Be brief.",
     )
     assert items.source == "upstream"  # not plain text: exact matches only
+
+
+async def test_one_callers_bookkeeping_is_never_served_to_another(
+    make_cache: Callable[..., LLMCache], fake: FakeOpenAI
+) -> None:
+    cache, other = make_cache(), make_cache()
+    alice = {
+        "metadata": {"tenant": "acme"},
+        "user": "alice",
+        "safety_identifier": "a-1",
+        "prompt_cache_key": "pk-a",
+    }
+    bob = {
+        "metadata": {"tenant": "globex"},
+        "user": "bob",
+        "safety_identifier": "b-2",
+        "prompt_cache_key": "pk-b",
+    }
+    first = await cache.respond(input="tenants", **alice)
+    served = [await cache.respond(input="tenants", **bob), await other.respond(input="tenants", **bob)]
+    streamed = [event async for event in other.respond_stream(input="tenants", **bob)]
+    for response in [first.response, *(r.response for r in served), streamed[-1].response]:
+        assert response.metadata is None and response.user is None
+        assert response.safety_identifier is None and response.prompt_cache_key is None
+    assert [r.source for r in served] == ["memory", "redis"] and fake.calls("tenants") == 1
+
+
+async def test_provider_state_in_extra_body_goes_to_the_model(cache: LLMCache, fake: FakeOpenAI) -> None:
+    for _ in range(2):
+        result = await cache.respond(input="extra state", extra_body={"conversation": "conv_9"})
+        assert result.source == "upstream"
+    assert fake.calls("extra state") == 2
+
+
+class Lenient:
+    """An upstream (in process) answering as a lenient OpenAI-compatible server
+    might: a usage block without fields this SDK requires, and an event type
+    this SDK does not know."""
+
+    scope = "lenient"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, params: dict[str, Any]) -> dict[str, Any]:
+        return chat_completion("x", model=MODEL)
+
+    def body(self, *, complete_usage: bool) -> dict[str, Any]:
+        self.calls += 1
+        text = {"type": "output_text", "text": "lenient answer", "annotations": []}
+        message = {
+            "type": "message",
+            "id": "m1",
+            "role": "assistant",
+            "status": "completed",
+            "content": [text],
+        }
+        usage: dict[str, Any] = {"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+        if complete_usage:
+            usage["input_tokens_details"] = {"cached_tokens": 0, "cache_write_tokens": 0}
+            usage["output_tokens_details"] = {"reasoning_tokens": 0}
+        return {
+            "id": f"resp_{self.calls}",
+            "object": "response",
+            "created_at": 1,
+            "model": MODEL,
+            "status": "completed",
+            "output": [message],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": usage,
+        }
+
+    async def responses(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.body(complete_usage=params.get("input") == "complete usage")
+
+    async def stream_responses(self, params: dict[str, Any]) -> Any:
+        self.calls += 1
+        valid = Response.model_validate(await self.responses({"input": "complete usage"})).model_dump(
+            mode="json"
+        )
+        yield {
+            "type": "response.created",
+            "sequence_number": 0,
+            "response": {**valid, "status": "in_progress", "output": []},
+        }
+        yield {"type": "response.brand_new_event", "sequence_number": 1, "detail": "from a newer API"}
+        yield {"type": "response.completed", "sequence_number": 2, "response": valid}
+
+
+async def test_answers_this_sdk_would_not_validate_are_answered_not_stored() -> None:
+    upstream = Lenient()
+    async with LLMCache(upstream=upstream, model=MODEL) as cache:
+        for _ in range(2):
+            result = await cache.respond(input="lenient")
+            assert result.output_text == "lenient answer" and result.source == "upstream"
+        assert cache.stats()["not_stored"]["error"] == 2
+        await cache.respond(input="complete usage")
+        assert (await cache.respond(input="complete usage")).source == "memory"
+        stream = cache.respond_stream(input="new events")
+        events = [event async for event in stream]
+        assert [e.type for e in events] == [
+            "response.created",
+            "response.brand_new_event",
+            "response.completed",
+        ]
+        replayed = [event async for event in cache.respond_stream(input="new events")]
+        assert replayed[-1].response.output_text == "lenient answer"  # stored from its last event

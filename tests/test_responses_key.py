@@ -62,6 +62,14 @@ def test_the_key_leaves_out_what_does_not(change: dict[str, Any]) -> None:
 def test_a_responses_key_never_equals_a_chat_key() -> None:
     chat = build_chat_request(user("same"), {"model": MODEL}, default_model=None)
     assert key(input=user("same")) != chat.key
+    # Not even a chat request that carries the Responses parameters.
+    mimic = build_chat_request(user("same"), {"model": MODEL, "input": user("same")}, default_model=None)
+    assert (
+        build_response_request(
+            {"model": MODEL, "input": user("same"), "messages": user("same")}, default_model=None
+        ).key
+        != mimic.key
+    )
     assert key(input="x", temperature=1) == key(input="x", temperature=1.0)
 
 
@@ -75,6 +83,8 @@ def test_a_responses_key_never_equals_a_chat_key() -> None:
         ({"tools": [{"type": "web_search"}]}, "tools: web_search"),
         ({"tools": [TOOL, {"type": "file_search", "vector_store_ids": ["vs"]}]}, "tools: file_search"),
         ({"tools": [TOOL]}, None),
+        ({"extra_body": {"conversation": "conv_1"}}, "conversation"),
+        ({"extra_body": {"tools": [{"type": "web_search"}]}}, "tools: web_search"),
         ({"tools": [{"type": "custom", "name": "grammar"}]}, None),
         ({}, None),
     ],
