@@ -197,7 +197,10 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     try:
         policy = CachePolicy(
-            store_truncated=args.store_truncated, tool_calls=not args.no_tool_calls, samples=args.samples
+            store_truncated=args.store_truncated,
+            tool_calls=not args.no_tool_calls,
+            samples=args.samples,
+            provider_state=args.provider_state,
         )
     except ConfigurationError as exc:
         print(f"aiollmcache serve: {exc}", file=sys.stderr)
@@ -419,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     serve.add_argument(
         "--no-tool-calls", action="store_true", help="never store answers that ask for tool calls"
+    )
+    serve.add_argument(
+        "--provider-state",
+        action="store_true",
+        help="cache Responses requests on provider-held state (previous_response_id, web search...)",
     )
     serve.add_argument(
         "--samples",

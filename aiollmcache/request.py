@@ -250,10 +250,15 @@ def build_response_request(
 def _build_response(
     params: Mapping[str, Any], default_model: str | None, upstream_scope: str | None
 ) -> ChatRequest:
-    given = {name: value for name, value in params.items() if not _is_omitted(value)}
+    given = {name: value for name, value in params.items() if value is not None and not _is_omitted(value)}
     value = given.get("input")
     if value is None and given.get("prompt") is None:
         raise InvalidRequestError("input: missing; pass input= (a string or a list of items)")
+    if value == "":
+        raise InvalidRequestError("input: empty string")
+    tools = given.get("tools")
+    if tools is not None and not isinstance(tools, (list, tuple)):
+        raise InvalidRequestError(f"tools: expected a list of tools, got {type(tools).__name__}")
     if value is not None:
         if isinstance(value, (list, tuple)):
             if not value:
@@ -271,12 +276,14 @@ def _build_response(
     if instructions is not None and not isinstance(instructions, str):
         raise InvalidRequestError(f"instructions: expected a string, got {type(instructions).__name__}")
     model = given.get("model", default_model)
-    if model is None:
+    if model is None and given.get("prompt") is not None:
+        model = ""  # a stored prompt may name its own model
+    elif model is None:
         raise InvalidRequestError("model: missing; pass model= or set LLMCache(model=...)")
-    if not isinstance(model, str) or not model:
+    elif not isinstance(model, str) or not model:
         raise InvalidRequestError(f"model: expected a non-empty string, got {model!r}")
 
-    send: dict[str, Any] = {"model": model}
+    send: dict[str, Any] = {"model": model} if model else {}
     keyed: dict[str, Any] = {"model": model}
     if upstream_scope:
         keyed["@upstream"] = upstream_scope
@@ -287,6 +294,10 @@ def _build_response(
         if name in EXCLUDED_PARAMS:
             continue
         canon = _canon(item, name)
+        if name == "input" and isinstance(canon, list):
+            # A field set to None is the same item as one without it: an item
+            # taken from a response keys like its model_dump().
+            canon = _without_none(canon)
         if canon is not None:
             keyed[name] = canon
     try:
@@ -296,6 +307,14 @@ def _build_response(
     # A domain of its own: no parameters of a chat request hash to a Responses key.
     digest = blake2b(_RESPONSES_DOMAIN + canonical, digest_size=_KEY_DIGEST_BYTES)
     return ChatRequest(model=model, params=send, key=digest.hexdigest(), api="responses")
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
 
 
 # Tools the model only asks for (the caller runs them): their results come
@@ -321,6 +340,12 @@ def provider_state(params: Mapping[str, Any]) -> str | None:
         kind = tool.get("type") if isinstance(tool, Mapping) else getattr(tool, "type", None)
         if kind not in _CALLER_TOOLS:
             return f"tools: {kind}"
+    items = params.get("input")
+    if isinstance(items, (list, tuple)):
+        for item in items:
+            kind = item.get("type") if isinstance(item, Mapping) else getattr(item, "type", None)
+            if kind == "item_reference":  # an item the provider holds
+                return "input: item_reference"
     return None
 
 

@@ -39,6 +39,8 @@ TOOL = {"type": "function", "name": "lookup", "parameters": {"type": "object", "
         ({"input": ["text"]}, r"input\[0\]"),
         ({"input": "x", "instructions": 5}, "instructions"),
         ({"input": "x", "temperature": float("nan")}, "temperature"),
+        ({"input": ""}, "empty string"),
+        ({"input": "x", "tools": "web_search"}, "tools: expected a list"),
     ],
 )
 async def test_bad_requests_fail_before_any_io(

@@ -91,3 +91,22 @@ def test_a_responses_key_never_equals_a_chat_key() -> None:
 )
 def test_what_depends_on_provider_state(params: dict[str, Any], state: str | None) -> None:
     assert provider_state({"input": "x", **params}) == state
+
+
+def test_items_key_alike_as_sdk_objects_and_as_their_dumps() -> None:
+    from openai.types.responses import ResponseFunctionToolCall
+
+    call = ResponseFunctionToolCall(type="function_call", call_id="c1", name="f", arguments="{}", id="fc1")
+    result = {"type": "function_call_output", "call_id": "c1", "output": "sunny"}
+    ask = {"role": "user", "content": "weather?"}
+    as_object = key(input=[ask, call, result])
+    assert key(input=[ask, call.model_dump(), result]) == as_object
+    assert key(input=[ask, {**call.model_dump(), "status": None}, result]) == as_object
+    assert key(input=[ask, {**call.model_dump(), "arguments": '{"a": 1}'}, result]) != as_object
+
+
+def test_defaults_and_shapes() -> None:
+    assert build_response_request({"input": "x", "model": None}, default_model=MODEL).model == MODEL
+    prompt_only = build_response_request({"prompt": {"id": "pmpt_1"}}, default_model=None)
+    assert "model" not in prompt_only.params
+    assert provider_state({"input": [{"type": "item_reference", "id": "msg_1"}]}) == "input: item_reference"
