@@ -64,7 +64,6 @@ from .request import (
     SemanticQuery,
     build_chat_request,
     build_response_request,
-    provider_state,
     request_system,
     semantic_query,
 )
@@ -967,7 +966,7 @@ class LLMCache:
     ) -> CacheResult:
         control = control or _DEFAULT_CONTROL
         policy = control.policy or self._policy
-        if policy.cacheable is not None or request.api == RESPONSES:
+        if policy.cacheable is not None or request.state is not None:
             control = self._control(request, control)
         if self._state != _OPEN:
             await self.open()
@@ -1057,7 +1056,7 @@ class LLMCache:
         applied (and, for the Responses API, its ``provider_state`` switch)."""
         control = control or _DEFAULT_CONTROL
         policy = control.policy or self._policy
-        if request.api == RESPONSES and not policy.provider_state and provider_state(request.params):
+        if request.state is not None and not policy.provider_state:
             return replace(control, no_cache=True, no_store=True, policy=_PROVIDER_STATE)
         cacheable = policy.cacheable
         if cacheable is not None and not CachePolicy.verdict(
@@ -1099,10 +1098,10 @@ class LLMCache:
             else:
                 self._stats.hits_redis += 1
             self._stats.samples_served += 1
-            return entry, source, now, decision, ChatRequest(request.model, request.params, keys[index], True)
+            return entry, source, now, decision, replace(request, key=keys[index], sampled=True)
         idle = [i for i in missing if self._flights.get(keys[i]) is None and keys[i] not in self._streams]
         index = self._rng.choice(idle or missing)
-        return ChatRequest(request.model, request.params, keys[index], True)
+        return replace(request, key=keys[index], sampled=True)
 
     async def _lead(
         self, request: ChatRequest, control: CacheControl, upstream: Upstream, now: float

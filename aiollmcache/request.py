@@ -80,6 +80,8 @@ class ChatRequest:
     key: str
     sampled: bool = False
     api: str = "chat"  # or "responses": client.responses.create
+    # Responses only: why the answer depends on state the provider holds (see provider_state).
+    state: str | None = None
 
 
 def _is_model(value: object) -> bool:
@@ -306,7 +308,9 @@ def _build_response(
         raise InvalidRequestError(f"request is not JSON-serialisable: {exc}") from None
     # A domain of its own: no parameters of a chat request hash to a Responses key.
     digest = blake2b(_RESPONSES_DOMAIN + canonical, digest_size=_KEY_DIGEST_BYTES)
-    return ChatRequest(model=model, params=send, key=digest.hexdigest(), api="responses")
+    return ChatRequest(
+        model=model, params=send, key=digest.hexdigest(), api="responses", state=provider_state(given)
+    )
 
 
 def _without_none(value: Any) -> Any:

@@ -407,3 +407,12 @@ async def test_answers_this_sdk_would_not_validate_are_answered_not_stored() -> 
         ]
         replayed = [event async for event in cache.respond_stream(input="new events")]
         assert replayed[-1].response.output_text == "lenient answer"  # stored from its last event
+
+
+async def test_a_sample_bucket_of_responses(make_cache: Callable[..., LLMCache], fake: FakeOpenAI) -> None:
+    cache = make_cache(policy=CachePolicy(samples=2), random_seed=4)
+    results = [await cache.respond(input="sampled response", temperature=0.8) for _ in range(12)]
+    assert all(isinstance(r.response, Response) for r in results)
+    assert fake.calls("sampled response") == 2 and len({r.response.id for r in results}) == 2
+    stream = cache.respond_stream(input="sampled response", temperature=0.8)
+    assert isinstance([e async for e in stream][-1], ResponseCompletedEvent)
