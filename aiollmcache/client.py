@@ -299,16 +299,8 @@ class ResponseResult(CacheResult):
         return self._entry.text
 
 
-def _result(
-    entry: Entry,
-    source: Source,
-    age: float,
-    coalesced: bool = False,
-    stale: bool = False,
-    similarity: float | None = None,
-) -> CacheResult:
-    kind = ResponseResult if entry.api == RESPONSES else CacheResult
-    return kind(entry, source, age, coalesced, stale, similarity)
+def _result_type(entry: Entry) -> type[CacheResult]:
+    return ResponseResult if entry.api == RESPONSES else CacheResult
 
 
 _NEW, _OPEN, _CLOSED = "new", "open", "closed"
@@ -1145,19 +1137,12 @@ class LLMCache:
         if tier is None:
             return None
         epoch = self._epoch
-        if tier.version is None:
-            await self._load_version()
-            if tier.version is None:
-                return None
-        entry = await self._read_tier(tier, key)
-        if entry is None or entry is MISSING:
+        if tier.version is None and not await self._version_loaded():
             return None
-        decision = self._decide(entry, now, control)
-        if not decision.servable:
-            return None
-        self._stats.hits_redis += 1
-        self._remember(entry, now, epoch)
-        return entry, decision
+        found = self._servable(await self._read_tier(tier, key), now, control, epoch)
+        if found is not None:
+            self._stats.hits_redis += 1
+        return found
 
     async def _redis_get_many(
         self, keys: list[str], control: CacheControl, now: float
@@ -1166,29 +1151,39 @@ class LLMCache:
         tier = self._redis
         assert tier is not None
         epoch = self._epoch
-        if tier.version is None:
-            await self._load_version()
-            if tier.version is None:
-                return [None] * len(keys)
+        if tier.version is None and not await self._version_loaded():
+            return [None] * len(keys)
         try:
             entries = await tier.get_many(keys)
         except TierUnavailableError as exc:
-            self._stats.redis_errors += 1
-            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+            self._redis_unavailable(exc)
             return [None] * len(keys)
-        found: list[tuple[Entry, Decision] | None] = []
-        for entry in entries:
-            if isinstance(entry, CorruptEntryError):
-                self._stats.corrupt_entries += 1
-                self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", entry)
-                entry = MISSING
-            decision = None if entry is MISSING else self._decide(entry, now, control)
-            if entry is MISSING or decision is None or not decision.servable:
-                found.append(None)
-                continue
-            self._remember(entry, now, epoch)
-            found.append((entry, decision))
-        return found
+        return [
+            self._servable(
+                self._dropped(entry) if isinstance(entry, CorruptEntryError) else entry, now, control, epoch
+            )
+            for entry in entries
+        ]
+
+    async def _version_loaded(self) -> bool:
+        """Load the namespace version; whether it is known now (until it is,
+        the Redis tier is skipped)."""
+        assert self._redis is not None
+        await self._load_version()
+        return self._redis.version is not None
+
+    def _servable(
+        self, entry: Entry | _Missing | None, now: float, control: CacheControl, epoch: int
+    ) -> tuple[Entry, Decision] | None:
+        """An entry read from Redis, kept in memory and with what to do about
+        it, if it may be served."""
+        if entry is None or entry is MISSING:
+            return None
+        decision = self._decide(entry, now, control)
+        if not decision.servable:
+            return None
+        self._remember(entry, now, epoch)
+        return entry, decision
 
     async def _read_tier(self, tier: RedisTier, key: str) -> Entry | _Missing | None:
         """The entry at ``key`` in Redis; MISSING if there is none or it was
@@ -1196,13 +1191,19 @@ class LLMCache:
         try:
             return await tier.get(key)
         except CorruptEntryError as exc:
-            self._stats.corrupt_entries += 1
-            self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
-            return MISSING
+            return self._dropped(exc)
         except TierUnavailableError as exc:
-            self._stats.redis_errors += 1
-            self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
+            self._redis_unavailable(exc)
             return None
+
+    def _dropped(self, exc: CorruptEntryError) -> _Missing:
+        self._stats.corrupt_entries += 1
+        self._log.warning("corrupt", "dropped a corrupt entry in Redis: %s", exc)
+        return MISSING
+
+    def _redis_unavailable(self, exc: TierUnavailableError) -> None:
+        self._stats.redis_errors += 1
+        self._log.warning("redis", "Redis unavailable, skipping the tier: %s", exc)
 
     async def _wait_flight(self, flight: Flight[_Outcome]) -> _Outcome | None:
         """The outcome of an identical call in flight here; None when it gave
@@ -1953,7 +1954,7 @@ class LLMCache:
             self._stats.unpriced_hits += 1
         else:
             self._stats.cost_saved_usd += cost
-        return _result(entry, source, entry.age(now), coalesced, stale, similarity)
+        return _result_type(entry)(entry, source, entry.age(now), coalesced, stale, similarity)
 
     def _schedule_refresh(
         self, entry: Entry, request: ChatRequest, upstream: Upstream, policy: CachePolicy | None
@@ -2035,7 +2036,7 @@ class LLMCache:
     @staticmethod
     def _computed(entry: Entry) -> CacheResult:
         """The result for the caller whose request this process just computed."""
-        return _result(entry, Source.UPSTREAM, entry.age(time.time()))
+        return _result_type(entry)(entry, Source.UPSTREAM, entry.age(time.time()))
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Start new work owned by the cache; refused once the cache is closing."""

@@ -383,15 +383,40 @@ class FakeOpenAI:
 
     # -- handlers ----------------------------------------------------------------------
 
-    def _take_failure(self, prompt: str) -> _Failure | None:
+    def _take(self, rules: list[_Failure], prompt: str) -> _Failure | None:
+        """The first of ``rules`` (failures, cuts, filters) matching ``prompt``,
+        used once."""
         with self._lock:
-            for failure in self._failures:
-                if failure.prompt is None or failure.prompt == prompt:
-                    failure.remaining -= 1
-                    if failure.remaining <= 0:
-                        self._failures.remove(failure)
-                    return failure
+            for rule in rules:
+                if rule.prompt is None or rule.prompt == prompt:
+                    rule.remaining -= 1
+                    if rule.remaining <= 0:
+                        rules.remove(rule)
+                    return rule
         return None
+
+    async def _arrived(self, body: dict[str, Any], prompt: str) -> Response | None:
+        """Count a model call, wait ``latency``, and answer the failure
+        injected for it if any (None: answer it)."""
+        with self._called:
+            self._chat_calls[prompt] += 1
+            self._requests.append(body)
+            self._called.notify_all()
+        failure = self._take(self._failures, prompt)
+        if self.latency > 0:  # failures take their time too
+            await asyncio.sleep(self.latency)
+        if failure is None:
+            return None
+        if failure.status is None:
+            assert self._stopping is not None
+            await self._stopping.wait()
+            return self._error(503, "server stopping", "server_error")
+        kind = "server_error" if failure.status >= 500 else "invalid_request_error"
+        return self._error(failure.status, failure.message, kind)
+
+    def _content(self, body: Mapping[str, Any]) -> str:
+        content = self._reply(body)
+        return content.ljust(self.answer_chars) if len(content) < self.answer_chars else content
 
     @staticmethod
     def _error(status: int, message: str, kind: str = "invalid_request_error") -> Response:
@@ -423,32 +448,15 @@ class FakeOpenAI:
         if not isinstance(stream_options, dict):
             return self._error(400, "'stream_options' must be an object")
         prompt = last_user_text(body)
-        with self._called:
-            self._chat_calls[prompt] += 1
-            self._requests.append(body)
-            self._called.notify_all()
-        failure = self._take_failure(prompt)
-        if self.latency > 0:  # failures take their time too
-            await asyncio.sleep(self.latency)
-        if failure is not None:
-            if failure.status is None:
-                assert self._stopping is not None
-                await self._stopping.wait()
-                return self._error(503, "server stopping", "server_error")
-            return self._error(
-                failure.status,
-                failure.message,
-                "server_error" if failure.status >= 500 else "invalid_request_error",
-            )
-        content = self._reply(body)
-        if len(content) < self.answer_chars:
-            content = content.ljust(self.answer_chars)
+        if (failed := await self._arrived(body, prompt)) is not None:
+            return failed
+        content = self._content(body)
         completion_id = f"chatcmpl-fake-{next(self._ids)}"
         finish_reason = "stop"
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         if type(limit) is int and limit > 0 and _tokens(content) > limit:
             content, finish_reason = " ".join(content.split()[:limit]), "length"
-        if self._take_filter(prompt):
+        if self._take(self._filters, prompt) is not None:
             content, finish_reason = content.split(" ")[0], "content_filter"
         tool_calls = self._tool_calls(body, prompt, f"call_{completion_id}")
         if tool_calls is not None:
@@ -463,7 +471,8 @@ class FakeOpenAI:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
             include_usage = bool(stream_options.get("include_usage"))
-            cut = self._take_cut(prompt)
+            rule = self._take(self._cuts, prompt)
+            cut = rule.cut_after if rule is not None else None
             return StreamingResponse(
                 self._sse(
                     completion_id,
@@ -491,16 +500,6 @@ class FakeOpenAI:
         )
         return Response(orjson.dumps(completion), media_type="application/json")
 
-    def _take_filter(self, prompt: str) -> bool:
-        with self._lock:
-            for rule in self._filters:
-                if rule.prompt is None or rule.prompt == prompt:
-                    rule.remaining -= 1
-                    if rule.remaining <= 0:
-                        self._filters.remove(rule)
-                    return True
-        return False
-
     @staticmethod
     def _tool_calls(body: Mapping[str, Any], prompt: str, call_id: str) -> list[dict[str, Any]] | None:
         """The tool calls the request forces, if any."""
@@ -526,29 +525,15 @@ class FakeOpenAI:
         if not isinstance(body.get("model"), str) or not isinstance(given, (str, list)) or not given:
             return self._error(400, "'input' and 'model' are required")
         prompt = last_user_text(body)
-        with self._called:
-            self._chat_calls[prompt] += 1
-            self._requests.append(body)
-            self._called.notify_all()
-        failure = self._take_failure(prompt)
-        if self.latency > 0:
-            await asyncio.sleep(self.latency)
-        if failure is not None:
-            if failure.status is None:
-                assert self._stopping is not None
-                await self._stopping.wait()
-                return self._error(503, "server stopping", "server_error")
-            kind = "server_error" if failure.status >= 500 else "invalid_request_error"
-            return self._error(failure.status, failure.message, kind)
-        content = self._reply(body)
-        if len(content) < self.answer_chars:
-            content = content.ljust(self.answer_chars)
+        if (failed := await self._arrived(body, prompt)) is not None:
+            return failed
+        content = self._content(body)
         number = next(self._ids)
         status, incomplete = "completed", None
         limit = body.get("max_output_tokens")
         if type(limit) is int and limit > 0 and _tokens(content) > limit:
             content, status, incomplete = " ".join(content.split()[:limit]), "incomplete", "max_output_tokens"
-        if self._take_filter(prompt):
+        if self._take(self._filters, prompt) is not None:
             content, status, incomplete = content.split(" ")[0], "incomplete", "content_filter"
         output: list[dict[str, Any]] = [
             {
@@ -617,16 +602,6 @@ class FakeOpenAI:
             if self.chunk_latency > 0 and event["type"].endswith(".delta"):
                 await asyncio.sleep(self.chunk_latency)
             yield b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
-
-    def _take_cut(self, prompt: str) -> int | None:
-        with self._lock:
-            for cut in self._cuts:
-                if cut.prompt is None or cut.prompt == prompt:
-                    cut.remaining -= 1
-                    if cut.remaining <= 0:
-                        self._cuts.remove(cut)
-                    return cut.cut_after
-        return None
 
     async def _sse(
         self,

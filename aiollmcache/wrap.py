@@ -1,14 +1,12 @@
-"""A drop-in for ``AsyncOpenAI`` whose chat completions go through the cache."""
+"""A drop-in for ``AsyncOpenAI`` whose chat completions and responses go through the cache."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from openai.types.chat import ChatCompletion
-
 from .client import CacheControl
 from .errors import InvalidRequestError
-from .request import build_chat_request
+from .request import ChatRequest, build_chat_request
 from .upstream import OpenAIUpstream
 
 if TYPE_CHECKING:
@@ -19,7 +17,10 @@ if TYPE_CHECKING:
 __all__ = ["CachedOpenAI"]
 
 
-class _Completions:
+class _Create:
+    """``create`` through the cache, for one endpoint of the client; every
+    other attribute is the client's own."""
+
     __slots__ = ("_cache", "_client", "_upstream")
 
     def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
@@ -27,29 +28,45 @@ class _Completions:
         self._client = client
         self._upstream = OpenAIUpstream(client)
 
-    async def create(self, *, cache: CacheControl | None = None, **kwargs: Any) -> Any:
-        """``chat.completions.create`` through the cache.
+    def _request(self, params: dict[str, Any]) -> ChatRequest:
+        raise NotImplementedError
 
-        Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns
-        the ``ChatCompletion``; with ``stream=True``, a
-        :class:`~aiollmcache.streaming.CachedStream` of ``ChatCompletionChunk``
-        that iterates and closes as the SDK's ``AsyncStream`` does.
-        """
+    def _endpoint(self) -> Any:
+        raise NotImplementedError
+
+    async def create(self, *, cache: CacheControl | None = None, **kwargs: Any) -> Any:
         if cache is not None and not isinstance(cache, CacheControl):
             raise InvalidRequestError(f"cache: expected a CacheControl, got {type(cache).__name__}")
-        messages = kwargs.pop("messages", None)
         streaming = bool(kwargs.pop("stream", False))
-        request = build_chat_request(
-            messages, kwargs, default_model=self._cache.model, upstream_scope=self._upstream.scope
-        )
+        request = self._request(kwargs)
         if streaming:
             return self._cache._stream(request, cache, self._upstream)
         result = await self._cache._complete_timed(request, cache, self._upstream)
-        response: ChatCompletion = result.response
-        return response
+        return result.response
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._client.chat.completions, name)
+        return getattr(self._endpoint(), name)
+
+
+class _Completions(_Create):
+    """``chat.completions.create`` through the cache.
+
+    Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns the
+    ``ChatCompletion``; with ``stream=True``, a
+    :class:`~aiollmcache.streaming.CachedStream` of ``ChatCompletionChunk``
+    that iterates and closes as the SDK's ``AsyncStream`` does.
+    """
+
+    __slots__ = ()
+
+    def _request(self, params: dict[str, Any]) -> ChatRequest:
+        messages = params.pop("messages", None)
+        return build_chat_request(
+            messages, params, default_model=self._cache.model, upstream_scope=self._upstream.scope
+        )
+
+    def _endpoint(self) -> Any:
+        return self._client.chat.completions
 
 
 class _Chat:
@@ -63,31 +80,22 @@ class _Chat:
         return getattr(self._client.chat, name)
 
 
-class _Responses:
-    __slots__ = ("_cache", "_client", "_upstream")
+class _Responses(_Create):
+    """``responses.create`` through the cache.
 
-    def __init__(self, cache: LLMCache, client: AsyncOpenAI) -> None:
-        self._cache = cache
-        self._client = client
-        self._upstream = OpenAIUpstream(client)
+    Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns the
+    ``Response``; with ``stream=True``, a
+    :class:`~aiollmcache.streaming.CachedStream` of the SDK's typed
+    ``ResponseStreamEvent`` objects.
+    """
 
-    async def create(self, *, cache: CacheControl | None = None, **kwargs: Any) -> Any:
-        """``responses.create`` through the cache.
+    __slots__ = ()
 
-        Takes the SDK's parameters, plus ``cache=CacheControl(...)``. Returns
-        the ``Response``; with ``stream=True``, a
-        :class:`~aiollmcache.streaming.CachedStream` of the SDK's typed
-        ``ResponseStreamEvent`` objects.
-        """
-        streaming = bool(kwargs.pop("stream", False))
-        request = self._cache._response_request(kwargs, cache, self._upstream)
-        if streaming:
-            return self._cache._stream(request, cache, self._upstream)
-        result = await self._cache._complete_timed(request, cache, self._upstream)
-        return result.response
+    def _request(self, params: dict[str, Any]) -> ChatRequest:
+        return self._cache._response_request(params, None, self._upstream)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client.responses, name)
+    def _endpoint(self) -> Any:
+        return self._client.responses
 
 
 class CachedOpenAI:

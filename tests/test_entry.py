@@ -22,7 +22,7 @@ from aiollmcache.entry import (
 KEY = "0" * 32
 
 
-def completion(content: str = "Hello") -> bytes:
+def completion(content: str = "Hello", finish_reason: str = "stop") -> bytes:
     return orjson.dumps(
         {
             "id": "chatcmpl-1",
@@ -30,15 +30,19 @@ def completion(content: str = "Hello") -> bytes:
             "created": 1,
             "model": "m",
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish_reason,
+                }
             ],
             "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8},
         }
     )
 
 
-def entry(content: str = "Hello") -> Entry:
-    raw = completion(content)
+def entry(content: str = "Hello", finish_reason: str = "stop") -> Entry:
+    raw = completion(content, finish_reason)
     return Entry(
         key=KEY,
         response=ChatCompletion.model_validate_json(raw),
@@ -188,21 +192,7 @@ def test_header_of_foreign_bytes_is_corrupt(prefix: bytes) -> None:
 
 
 def test_the_kind_of_answer_travels_in_the_header() -> None:
-    body = orjson.loads(completion("Hel"))
-    body["choices"][0]["finish_reason"] = "length"
-    raw = orjson.dumps(body)
-    cut = Entry(
-        key=KEY,
-        response=ChatCompletion.model_validate_json(raw),
-        raw=raw,
-        created_at=1000.0,
-        fresh_until=2000.0,
-        expires_at=3000.0,
-        compute_ms=1.0,
-        model="m",
-        prompt_tokens=3,
-        completion_tokens=5,
-    )
+    cut = entry("Hel", finish_reason="length")
     decoded = decode_entry(encode_entry(cut, compress_above=8192), KEY, max_bytes=1 << 20)
     assert decoded.kind is AnswerKind.TRUNCATED
     assert decoded._response is None  # the suffix is not taken for other versions

@@ -1389,15 +1389,20 @@ class RedisTier:
             entry.slid_until = self._clock() + pttl / 1000
         return entry
 
+    def _open(self, key: str, blob: bytes, rkey: str | None = None) -> Entry:
+        """Decode ``blob``, an entry of ``key`` as stored at its entry key
+        ``rkey``, whatever carried it; raises CorruptEntryError."""
+        return decode_entry(
+            blob,
+            key,
+            max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
+            sealer=self.sealer,
+            context=(rkey or self.entry_key(key)).encode(),
+        )
+
     async def _decode(self, key: str, rkey: str, blob: bytes) -> Entry:
         try:
-            return decode_entry(
-                blob,
-                key,
-                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
-                sealer=self.sealer,
-                context=rkey.encode(),
-            )
+            return self._open(key, blob, rkey)
         except NotForThisCache:
             raise  # its writer can read it: a miss here, left in place
         except CorruptEntryError:
@@ -1621,13 +1626,7 @@ class RedisTier:
         ):
             return None
         try:
-            entry = decode_entry(
-                value[_TOKEN_BYTES:],
-                key,
-                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
-                sealer=self.sealer,
-                context=self.entry_key(key).encode(),
-            )
+            entry = self._open(key, value[_TOKEN_BYTES:])
         except CorruptEntryError:
             return None
         entry.refused = "passed"
@@ -1641,13 +1640,7 @@ class RedisTier:
         if not passed and not message.startswith(b"done:"):
             return None
         try:
-            entry = decode_entry(
-                message[5:],
-                key,
-                max_bytes=self._max_entry_bytes + _HEADER_ALLOWANCE,
-                sealer=self.sealer,
-                context=self.entry_key(key).encode(),
-            )
+            entry = self._open(key, message[5:])
         except CorruptEntryError:
             return None
         if passed:
